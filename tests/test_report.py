@@ -1,0 +1,216 @@
+"""Convergence report: exact measures on synthetic piecewise-linear curves, errors, written files."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import xml.etree.ElementTree as ET
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from warmstart.plots import band_over_seeds, plot_convergence
+from warmstart.report import write_report
+from warmstart.summary import Run, load_runs, read_curve, summarize
+
+STEPS = np.arange(0, 201, 10)
+
+
+def curve(knots_x, knots_y, *, transport_s=0.0, loss=True, sec_per_step=0.5) -> pd.DataFrame:
+    """Accuracy sampled on STEPS from a piecewise-linear curve; loss = 1 - accuracy."""
+    acc = np.interp(STEPS, knots_x, knots_y)
+    seconds = transport_s + sec_per_step * STEPS
+    rows = [("val_acc", acc)] + ([("val_loss", 1.0 - acc)] if loss else [])
+    return pd.concat(
+        [pd.DataFrame({"step": STEPS, "seconds": seconds, "metric": m, "value": v}) for m, v in rows],
+        ignore_index=True,
+    )
+
+
+def make_runs(loss=True) -> list[Run]:
+    """cold reaches 0.8 at step 100 and stays; theseus starts at 0.7 and reaches 0.8 at step 20
+    (seed 0) or 30 (seed 1) after a 5 s transport; head_only (one seed) stays at 0.5."""
+    return [
+        Run("cold", 0, curve([0, 100, 200], [0.1, 0.8, 0.8], loss=loss)),
+        Run("cold", 1, curve([0, 100, 200], [0.1, 0.8, 0.8], loss=loss)),
+        Run("theseus", 0, curve([0, 20, 200], [0.7, 0.8, 0.9], transport_s=5, loss=loss)),
+        Run("theseus", 1, curve([0, 30, 200], [0.7, 0.8, 0.9], transport_s=5, loss=loss)),
+        Run("head_only", 0, curve([0, 200], [0.5, 0.5], transport_s=1, loss=loss)),
+    ]
+
+
+def test_summary_exact_numbers():
+    s = summarize(make_runs())
+    assert s.target == pytest.approx(0.8)
+    assert [a.arm for a in s.arms] == ["cold", "theseus", "head_only"]
+    assert s.reference_steps_to_final.values == (100.0, 100.0)
+    assert s.reference_seconds_to_final.mean == pytest.approx(50.0)
+
+    cold = s.arm("cold")
+    assert cold.step0.mean == pytest.approx(0.1) and cold.step0.std == pytest.approx(0.0)
+    assert cold.final.mean == pytest.approx(0.8)
+    assert cold.steps_to_target.values == (100.0, 100.0)
+    assert cold.speedup_steps.mean == pytest.approx(1.0)
+    # (100 * (0.1 + 0.8) / 2 + 100 * 0.8) / 200
+    assert cold.auc.mean == pytest.approx(0.625)
+
+    th = s.arm("theseus")
+    assert th.step0.mean == pytest.approx(0.7)
+    assert th.final.mean == pytest.approx(0.9)
+    assert th.steps_to_target.values == (20.0, 30.0)
+    assert th.steps_to_target.mean == pytest.approx(25.0)
+    assert th.steps_to_target.std == pytest.approx(math.sqrt(50.0))
+    assert th.seconds_to_target.values == (15.0, 20.0)  # 5 s transport + 0.5 s/step
+    assert th.speedup_steps.values == pytest.approx((5.0, 100 / 30))
+    assert th.speedup_steps.mean == pytest.approx((5.0 + 100 / 30) / 2)
+    assert th.speedup_seconds.values == pytest.approx((50 / 15, 2.5))
+    assert th.n_reached == 2
+    # seed 0: (20 * 0.75 + 180 * 0.85) / 200; seed 1: (30 * 0.75 + 170 * 0.85) / 200
+    assert th.auc.values == pytest.approx((0.84, 0.835))
+
+
+def test_never_reached_and_single_seed():
+    s = summarize(make_runs())
+    ho = s.arm("head_only")
+    assert ho.steps_to_target.values == (None,) and ho.steps_to_target.mean is None
+    assert ho.speedup_steps.mean is None and ho.speedup_seconds.mean is None
+    assert ho.n_reached == 0
+    assert ho.step0.mean == pytest.approx(0.5) and ho.step0.std is None  # one seed: no std
+    d = s.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["arms"]["head_only"]["steps_to_target"] == {
+        "mean": None, "std": None, "n": 0, "values": [None]
+    }
+
+
+def test_partially_reached_is_counted():
+    runs = make_runs() + [Run("theseus", 2, curve([0, 200], [0.6, 0.7], transport_s=5))]
+    th = summarize(runs).arm("theseus")
+    assert th.steps_to_target.values == (20.0, 30.0, None)
+    assert th.steps_to_target.mean == pytest.approx(25.0) and th.n_reached == 2
+
+
+def test_target_equal_to_mean_of_finals_is_reached():
+    # mean of three 0.8 is 0.8000000000000002: without slack the cold runs would "never" reach it.
+    runs = [Run("cold", i, curve([0, 100, 200], [0.1, 0.8, 0.8])) for i in range(3)]
+    s = summarize(runs)
+    assert s.target > 0.8
+    assert s.arm("cold").steps_to_target.values == (100.0, 100.0, 100.0)
+
+
+def test_reached_at_step_zero_is_infinite_speedup():
+    runs = make_runs() + [Run("oracle", 0, curve([0, 200], [0.85, 0.9], transport_s=2))]
+    s = summarize(runs)
+    oracle = s.arm("oracle")
+    assert oracle.steps_to_target.values == (0.0,)
+    assert math.isinf(oracle.speedup_steps.mean)
+    assert oracle.speedup_seconds.values == pytest.approx((25.0,))  # 50 s / 2 s transport
+    assert s.to_dict()["arms"]["oracle"]["speedup_steps"]["mean"] == "inf"
+
+
+def test_lower_is_better_on_loss():
+    s = summarize(make_runs(), metric="val_loss", higher_is_better=False)
+    assert s.target == pytest.approx(0.2)
+    assert s.arm("theseus").steps_to_target.values == (20.0, 30.0)
+    assert s.arm("head_only").steps_to_target.mean is None
+
+
+def test_missing_reference_arm_names_arms_and_fix():
+    runs = [r for r in make_runs() if r.arm != "cold"]
+    with pytest.raises(ValueError, match=r"reference arm 'cold'.*\['head_only', 'theseus'\].*"
+                                         r"reference_arm="):
+        summarize(runs)
+    assert summarize(runs, reference_arm="theseus").target == pytest.approx(0.9)
+
+
+def test_other_input_errors():
+    runs = make_runs()
+    with pytest.raises(ValueError, match=r"run \('cold', 0\) is given twice"):
+        summarize(runs + [runs[0]])
+    with pytest.raises(ValueError, match=r"has no 'val_f1' points; its metrics are \['val_acc', "):
+        summarize(runs, metric="val_f1")
+    with pytest.raises(ValueError, match=r"lacks columns \['seconds'\]"):
+        Run("cold", 0, pd.DataFrame({"step": [0], "metric": ["val_acc"], "value": [0.1]}))
+
+
+def test_read_and_load_runs(tmp_path):
+    frame = curve([0, 200], [0.2, 0.6])
+    shuffled = pd.concat([frame.iloc[::-1], frame.iloc[[3]].assign(value=0.99)])
+    shuffled.to_csv(tmp_path / "c.csv", index=False)
+    got = read_curve(tmp_path / "c.csv")
+    assert list(got.columns) == ["step", "seconds", "metric", "value"]
+    acc = got[got.metric == "val_acc"]
+    assert acc.step.is_monotonic_increasing and len(acc) == len(STEPS)
+    assert acc.set_index("step").value[30] == 0.99  # a repeated step keeps its last row
+    (runs,) = [load_runs({("cold", 3): tmp_path / "c.csv"})]
+    assert runs[0].arm == "cold" and runs[0].seed == 3
+    (tmp_path / "bad.csv").write_text("step,metric,value\n0,val_acc,0.1\n")
+    with pytest.raises(ValueError, match=r"bad.csv lacks columns \['seconds'\]"):
+        read_curve(tmp_path / "bad.csv")
+
+
+def test_write_report_files_parse(tmp_path):
+    out = tmp_path / "rep"
+    buf = io.StringIO()
+    s = write_report(make_runs(), out, title="toy: cold vs theseus", config={"lr": 1e-3},
+                     console=Console(file=buf, width=250))
+    names = {"report.md", "report.html", "convergence.png", "convergence.svg", "curves.csv",
+             "summary.json"}
+    assert names <= {p.name for p in out.iterdir()}
+
+    data = json.loads((out / "summary.json").read_text())
+    assert data == s.to_dict() and data["extra"]["config"] == {"lr": 1e-3}
+    assert data["arms"]["theseus"]["steps_to_target"]["mean"] == pytest.approx(25.0)
+
+    csv = pd.read_csv(out / "curves.csv")
+    assert list(csv.columns) == ["arm", "seed", "step", "seconds", "metric", "value"]
+    assert len(csv) == 5 * 2 * len(STEPS) and set(csv.arm) == {"cold", "theseus", "head_only"}
+
+    img = mpimg.imread(out / "convergence.png")
+    assert img.ndim == 3 and img.shape[0] > 500 and img.shape[1] > 700
+    assert ET.parse(out / "convergence.svg").getroot().tag.endswith("svg")
+
+    md = (out / "report.md").read_text()
+    assert md.startswith("# toy: cold vs theseus")
+    assert "| theseus | 2 | 0.7000 ± 0.0000 |" in md and "not reached" in md
+    assert "25.0 ± 7.1" in md and "![convergence](convergence.png)" in md
+
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page and "not reached" in page
+    assert "src='http" not in page and "<link" not in page
+
+    text = buf.getvalue()
+    assert "theseus" in text and "not reached" in text and "4.17x" in text
+
+
+def test_overwrite_protection(tmp_path):
+    write_report(make_runs(), tmp_path, title="a", console=Console(file=io.StringIO()))
+    with pytest.raises(FileExistsError, match=r"already holds a report.*overwrite=True.*out_dir"):
+        write_report(make_runs(), tmp_path, title="b", console=Console(file=io.StringIO()))
+    s = write_report(make_runs(), tmp_path, title="b", overwrite=True,
+                     console=Console(file=io.StringIO()))
+    assert json.loads((tmp_path / "summary.json").read_text())["extra"]["title"] == "b"
+    assert s.extra["title"] == "b"
+
+
+def test_missing_loss_panels_say_so(tmp_path):
+    runs = make_runs(loss=False)
+    fig = plot_convergence(runs, metric="val_acc", loss_metric="val_loss")
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert notes.count("no 'val_loss' in the curves") == 2
+    write_report(runs, tmp_path, title="no loss", console=Console(file=io.StringIO()))
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_band_over_seeds_common_grid():
+    a = (np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 2.0]))
+    b = (np.array([5.0, 15.0, 25.0]), np.array([1.0, 1.0, 1.0]))
+    grid, mean, low, high = band_over_seeds([a, b])
+    np.testing.assert_allclose(grid, [5.0, 10.0, 15.0, 20.0])
+    np.testing.assert_allclose(low, [0.5, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(high, [1.0, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(mean, (low + high) / 2)

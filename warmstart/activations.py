@@ -1,0 +1,308 @@
+"""Streaming cross statistics of paired activations, gathered with forward hooks.
+
+Each calibration batch runs through the source base model first; its hooks keep that batch's
+activations of the observed points. The target base model runs next; its hooks pair every target
+activation with the stored source one and fold the pair into float64 sums at once, so target
+activations are never stored and nothing outlives the batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import zip_longest
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .families.base import ModelLayout, Point, SequenceInfo, SpaceKey
+from .procrustes import CrossStatistics
+from .progress import progress_bar
+
+
+@dataclass(frozen=True)
+class SpacePairing:
+    """Statistics for ``target_space`` come from these (source point, target point) pairs."""
+
+    target_space: SpaceKey
+    source_space: SpaceKey
+    d_source: int
+    d_target: int
+    points: tuple[tuple[Point, Point], ...]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def prepare_inputs(model: nn.Module, layout: ModelLayout, batch: Any) -> tuple[Any, SequenceInfo]:
+    if layout.prepare is not None:
+        return layout.prepare(model, batch)
+    return batch, SequenceInfo()
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Row pairing
+
+
+def _slice(act: Tensor, point: Point) -> Tensor:
+    if point.features is None:
+        return act
+    start, stop = point.features
+    return act[:, start:stop] if point.layout == "channels" else act[..., start:stop]
+
+
+def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_info: SequenceInfo,
+              layout: str, where: str = "") -> tuple[Tensor, Tensor]:
+    """Paired rows ``([n_rows, d_source], [n_rows, d_target])`` from two activations of one batch.
+
+    ``channels`` maps [B, C, H, W] are paired per spatial position after resizing the source map
+    to the target's size; ``last`` activations [B, D] pair per example and [B, N, D] per token:
+    by the attention masks (padding excluded), by class token and resized patch grid (ViT), or one
+    to one when the token counts are equal.
+    """
+    if source.shape[0] != target.shape[0]:
+        raise ValueError(f"{where}: source batch has {source.shape[0]} examples, target "
+                         f"{target.shape[0]}; feed both models the same calibration examples.")
+    if layout == "channels":
+        if source.shape[-2:] != target.shape[-2:]:
+            source = F.interpolate(source.float(), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        return (source.movedim(1, -1).reshape(-1, source.shape[1]),
+                target.movedim(1, -1).reshape(-1, target.shape[1]))
+    if source.ndim == 2 and target.ndim == 2:
+        return source, target
+    if source.ndim != 3 or target.ndim != 3:
+        raise ValueError(f"{where}: cannot pair activations of shapes {tuple(source.shape)} and "
+                         f"{tuple(target.shape)}; expected [B, D] or [B, N, D] on both sides.")
+    if source_info.mask is not None and target_info.mask is not None:
+        return _pair_masked(source, target, source_info.mask, target_info.mask, where)
+    if source_info.grid is not None and target_info.grid is not None:
+        return _pair_grid(source, target, source_info, target_info)
+    if source.shape[1] != target.shape[1]:
+        raise ValueError(f"{where}: {source.shape[1]} source tokens cannot be paired with "
+                         f"{target.shape[1]} target tokens without an attention mask or a patch "
+                         "grid; give both models inputs of the same length.")
+    return source.reshape(-1, source.shape[-1]), target.reshape(-1, target.shape[-1])
+
+
+def _pair_masked(source: Tensor, target: Tensor, mask_s: Tensor, mask_t: Tensor,
+                 where: str) -> tuple[Tensor, Tensor]:
+    if mask_s.shape != source.shape[:2] or mask_t.shape != target.shape[:2]:
+        raise ValueError(f"{where}: attention masks {tuple(mask_s.shape)} / {tuple(mask_t.shape)} "
+                         f"do not match activations {tuple(source.shape)} / {tuple(target.shape)}.")
+    counts_s, counts_t = mask_s.sum(1), mask_t.sum(1)
+    if not torch.equal(counts_s.cpu(), counts_t.cpu()):
+        bad = (counts_s.cpu() != counts_t.cpu()).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{where}: token counts differ between source and target for examples {bad} "
+            f"(source {counts_s[bad].tolist()}, target {counts_t[bad].tolist()}); tokens can only be "
+            "paired one to one when both tokenizers split the text identically. Use the same "
+            "tokenizer for both models, or calibrate with pooled features."
+        )
+    return source[mask_s.to(source.device)], target[mask_t.to(target.device)]
+
+
+def _pair_grid(source: Tensor, target: Tensor, info_s: SequenceInfo,
+               info_t: SequenceInfo) -> tuple[Tensor, Tensor]:
+    n_prefix = min(info_s.prefix, info_t.prefix)
+    rows_s = [source[:, :n_prefix].reshape(-1, source.shape[-1])]
+    rows_t = [target[:, :n_prefix].reshape(-1, target.shape[-1])]
+    b, d_s = source.shape[0], source.shape[-1]
+    patches = source[:, info_s.prefix:].reshape(b, *info_s.grid, d_s).permute(0, 3, 1, 2)
+    if tuple(info_s.grid) != tuple(info_t.grid):
+        patches = F.interpolate(patches.float(), size=info_t.grid, mode="bilinear",
+                                align_corners=False)
+    rows_s.append(patches.permute(0, 2, 3, 1).reshape(-1, d_s))
+    rows_t.append(target[:, info_t.prefix:].reshape(-1, target.shape[-1]))
+    return torch.cat(rows_s), torch.cat(rows_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+def _first_tensor(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    if hasattr(value, "last_hidden_state"):
+        return value.last_hidden_state
+    raise TypeError(f"cannot read an activation tensor from {type(value).__name__}")
+
+
+def _capture(side: str, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    if side == "out":
+        return _first_tensor(output)
+    if args:
+        return _first_tensor(args[0])
+    return _first_tensor(next(iter(kwargs.values())))
+
+
+@contextmanager
+def _hooks(model: nn.Module, callbacks: Mapping[tuple[str, str], Any]):
+    handles = []
+    try:
+        for (module_name, side), fn in callbacks.items():
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError as err:
+                raise ValueError(f"layer {module_name!r} does not exist in "
+                                 f"{type(model).__name__}") from err
+
+            def hook(mod, args, kwargs, output, fn=fn, side=side):
+                fn(_capture(side, args, kwargs, output))
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def eval_mode(*models: nn.Module):
+    """Eval mode (no dropout, frozen BatchNorm statistics) for the block, restored afterwards."""
+    flags = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for pairs in flags:
+            for module, training in pairs:
+                module.training = training
+
+
+def collect_statistics(
+    source: nn.Module,
+    target: nn.Module,
+    source_layout: ModelLayout,
+    target_layout: ModelLayout,
+    pairings: Iterable[SpacePairing],
+    calibration: Iterable[Any],
+    target_calibration: Iterable[Any] | None = None,
+    *,
+    with_grams: bool = False,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[SpaceKey, CrossStatistics]:
+    """Float64 cross statistics for every pairing, keyed by target space.
+
+    ``calibration`` yields model inputs (a tensor, or a mapping of keyword tensors) for both models;
+    ``target_calibration``, when given, yields the target's own inputs for the same examples (e.g.
+    its own tokenization). Memory is O(sum of d_source x d_target) plus one batch of source
+    activations, whatever the number of batches.
+    """
+    pairings = list(pairings)
+    device_t = model_device(target)
+    stats = {p.target_space: CrossStatistics(p.d_source, p.d_target, with_grams, device_t)
+             for p in pairings}
+    stored: dict[tuple[str, str], Tensor] = {}
+    infos: dict[str, SequenceInfo] = {}
+    consumers: dict[tuple[str, str], list] = defaultdict(list)
+    for p in pairings:
+        for point_s, point_t in p.points:
+            consumers[(point_t.module, point_t.side)].append((stats[p.target_space], point_s,
+                                                              point_t, p.target_space))
+    source_keys = {(s.module, s.side) for p in pairings for s, _ in p.points}
+
+    def store(key):
+        def fn(act: Tensor) -> None:
+            stored[key] = act.detach()
+        return fn
+
+    def consume(key):
+        def fn(act: Tensor) -> None:
+            for acc, point_s, point_t, space in consumers[key]:
+                where = f"{space} ({point_s.module}:{point_s.side} -> {point_t.module}:{point_t.side})"
+                if (point_s.module, point_s.side) not in stored:
+                    raise ValueError(f"{where}: the source layer produced no activation in this "
+                                     "batch; it is not on the source model's forward path.")
+                src = _slice(stored[(point_s.module, point_s.side)], point_s).to(act.device)
+                a, b = pair_rows(src, _slice(act.detach(), point_t), infos["source"],
+                                 infos["target"], point_t.layout, where)
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ValueError(f"{where}: calibration activations contain NaN or Inf; check "
+                                     "the calibration inputs and the models' dtype.")
+                acc.update(a, b)
+        return fn
+
+    pairs = _batches(calibration, target_calibration, max_batches)
+    n_batches = 0
+    with torch.no_grad(), eval_mode(source, target), \
+            _hooks(source, {k: store(k) for k in source_keys}), \
+            _hooks(target, {k: consume(k) for k in consumers}):
+        for batch_s, batch_t in progress_bar(pairs, "calibration", total=max_batches,
+                                             enabled=progress):
+            inputs_s, infos["source"] = prepare_inputs(source, source_layout,
+                                                       move_to(batch_s, model_device(source)))
+            inputs_t, infos["target"] = prepare_inputs(target, target_layout,
+                                                       move_to(batch_t, device_t))
+            call_model(source, inputs_s)
+            call_model(target, inputs_t)
+            stored.clear()
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("the calibration data yielded no batches; pass a non-empty iterable of "
+                         "model inputs (e.g. a DataLoader over the task's training data).")
+    _all_reduce(stats)
+    return stats
+
+
+def _batches(calibration, target_calibration, max_batches):
+    source_iter = iter(calibration)
+    if target_calibration is None:
+        pairs = ((b, b) for b in source_iter)
+    else:
+        def zipped():
+            for b_s, b_t in zip_longest(source_iter, iter(target_calibration)):
+                if b_s is None or b_t is None:
+                    raise ValueError("calibration and target_calibration yield different numbers "
+                                     "of batches; they must describe the same examples.")
+                yield b_s, b_t
+        pairs = zipped()
+    for i, pair in enumerate(pairs):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield pair
+
+
+def _all_reduce(stats: Mapping[SpaceKey, CrossStatistics]) -> None:
+    """Sum the statistics over ranks so every rank computes the same maps."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for key in sorted(stats, key=str):
+        acc = stats[key]
+        for tensor in acc.tensors():
+            dist.all_reduce(tensor)
+        count = torch.tensor([acc.n_rows], dtype=torch.float64, device=acc.cross.device)
+        dist.all_reduce(count)
+        acc.n_rows = int(count.item())

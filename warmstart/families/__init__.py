@@ -1,0 +1,40 @@
+"""Family adapters: one small module per model family, chosen by ``describe_model``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import generic, hf_bert, hf_mpnet, timm_efficientnet, timm_vit
+from .base import BlockId, Family, ModelLayout, ParamRole, Point, SequenceInfo, Space, SpaceKey
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (timm_vit.FAMILY, timm_efficientnet.FAMILY, hf_bert.FAMILY, hf_mpnet.FAMILY,
+              generic.FAMILY)
+}
+
+
+def register_family(family: Family) -> None:
+    """Add an adapter (or replace one of the same name)."""
+    FAMILIES[family.name] = family
+
+
+def describe_model(model: nn.Module, family: str | None = None) -> ModelLayout:
+    """Describe ``model`` with the named family, or the highest-priority family that matches."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(
+                f"unknown model family {family!r}; known families: {sorted(FAMILIES)}. "
+                "Register a new one with warmstart.families.register_family."
+            )
+        return FAMILIES[family].describe(model)
+    for candidate in sorted(FAMILIES.values(), key=lambda f: -f.priority):
+        if candidate.matches(model):
+            return candidate.describe(model)
+    raise ValueError(f"no family adapter matches {type(model).__name__}")  # pragma: no cover
+
+
+__all__ = [
+    "FAMILIES", "BlockId", "Family", "ModelLayout", "ParamRole", "Point", "SequenceInfo", "Space",
+    "SpaceKey", "describe_model", "register_family",
+]

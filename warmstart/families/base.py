@@ -1,0 +1,191 @@
+"""What a family adapter declares: coordinate spaces, the points that observe them, parameter roles.
+
+A *space* is one coordinate system (the residual stream of a block, the hidden layer of an MLP, the
+value heads of an attention). Points that share coordinates (``fc1`` output and ``fc2`` input, a
+pooled feature and the tokens it pools) are members of one space and get one map, estimated from all
+their statistics together.
+
+A *role* is a family-independent name for a parameter (``attn.q.weight``, ``mlp.fc1.bias``), so that
+a BERT source can be matched to an MPNet target. Fused parameters (timm's ``attn.qkv``) declare one
+role per block of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+Side = Literal["in", "out"]
+Rule = Literal[
+    "linear",  # [out, in] weight: T_out^T tau T_in
+    "vector",  # bias / norm gain / norm shift / BN running mean: T_out^T v
+    "variance",  # BN running variance: sum_i T_ij^2 v_i
+    "conv",  # [out, in, kh, kw]: the linear rule per spatial tap
+    "depthwise",  # [C, 1, kh, kw]: diagonal of T^T diag(w) T per tap (or zero, by option)
+    "head",  # task head weight [n_classes, d]: whole finetuned head, W_A T_in
+    "head_bias",  # task head bias: copied
+    "embedding",  # token / position / patch embeddings: zero delta unless embeddings="map"
+]
+Layout = Literal["last", "channels"]
+
+
+@dataclass(frozen=True)
+class BlockId:
+    """A block, as ``(stage, index)`` inside its stage; transformers have one stage."""
+
+    stage: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}.{self.index}"
+
+
+@dataclass(frozen=True)
+class SpaceKey:
+    """A coordinate space: ``name`` inside ``block`` (``None`` for model-level spaces)."""
+
+    block: BlockId | None
+    name: str
+
+    def __str__(self) -> str:
+        return self.name if self.block is None else f"block{self.block}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One observed activation: the input or output of ``module``.
+
+    ``layout="last"`` means features on the last dimension ([B, D] or [B, N, D]); ``"channels"``
+    means [B, C, H, W]. ``features=(start, stop)`` keeps a slice of the feature dimension (one of
+    q, k, v in a fused projection). ``role`` pairs the point with the other model's point of the
+    same space.
+    """
+
+    module: str
+    side: Side
+    role: str
+    layout: Layout = "last"
+    features: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Space:
+    key: SpaceKey
+    width: int
+    points: tuple[Point, ...]
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """Parameter (or buffer) ``name`` plays ``role`` in ``block`` and moves by ``rule``.
+
+    ``rows=(start, stop)`` selects a block of rows of a fused parameter.
+    """
+
+    name: str
+    role: str
+    block: BlockId | None
+    rule: Rule
+    space_out: SpaceKey | None = None
+    space_in: SpaceKey | None = None
+    rows: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> tuple[BlockId | None, str]:
+        return (self.block, self.role)
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """How token rows of one batch are laid out, for pairing with the other model's rows.
+
+    ``mask`` [B, N] marks real tokens (text); ``prefix`` tokens (class/register) are paired one to
+    one and kept apart from a ``grid`` of patch tokens (ViT), which is resized to the other model's.
+    """
+
+    mask: Tensor | None = None
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Everything warmstart needs to know about one model instance."""
+
+    family: str
+    blocks: tuple[tuple[BlockId, ...], ...]
+    spaces: tuple[Space, ...]
+    params: tuple[ParamRole, ...]
+    excluded: Mapping[str, str] = field(default_factory=dict)  # name -> reason (zero delta)
+    prepare: Callable[[nn.Module, Any], tuple[Any, SequenceInfo]] | None = None
+
+    def space(self, key: SpaceKey) -> Space | None:
+        return self._spaces.get(key)
+
+    @property
+    def _spaces(self) -> dict[SpaceKey, Space]:
+        return {s.key: s for s in self.spaces}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered adapter: ``matches(model)`` says whether ``describe(model)`` applies."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    describe: Callable[[nn.Module], ModelLayout]
+    priority: int = 0
+
+
+def find_submodule(model: nn.Module, cls: type | tuple[type, ...]) -> tuple[str, nn.Module] | None:
+    """The first submodule (in ``named_modules`` order) that is an instance of ``cls``."""
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            return name, module
+    return None
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def find_head(model: nn.Module, backbone_prefix: str) -> tuple[str, nn.Linear] | None:
+    """A task head: a top-level ``nn.Linear`` called ``head``/``classifier``/``fc`` outside the backbone."""
+    for attr in ("head", "classifier", "fc"):
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Linear) and attr != backbone_prefix:
+            return attr, module
+    return None
+
+
+def linear_params(
+    module_name: str,
+    module: nn.Module,
+    role: str,
+    block: BlockId | None,
+    space_out: SpaceKey,
+    space_in: SpaceKey,
+) -> list[ParamRole]:
+    """Roles for a linear/1x1-conv layer: its weight and (if present) its bias."""
+    out = [ParamRole(join(module_name, "weight"), f"{role}.weight", block, "linear", space_out, space_in)]
+    if getattr(module, "bias", None) is not None:
+        out.append(ParamRole(join(module_name, "bias"), f"{role}.bias", block, "vector", space_out))
+    return out
+
+
+def norm_params(module_name: str, role: str, block: BlockId | None, space: SpaceKey,
+                module: nn.Module) -> list[ParamRole]:
+    """Roles for a LayerNorm/BatchNorm: gain and shift as vectors, BN running stats too."""
+    out = []
+    for attr in ("weight", "bias"):
+        if getattr(module, attr, None) is not None:
+            out.append(ParamRole(join(module_name, attr), f"{role}.{attr}", block, "vector", space))
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+        out.append(ParamRole(join(module_name, "running_mean"), f"{role}.running_mean", block,
+                             "vector", space))
+        out.append(ParamRole(join(module_name, "running_var"), f"{role}.running_var", block,
+                             "variance", space))
+    return out

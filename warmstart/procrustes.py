@@ -1,0 +1,249 @@
+"""Orthogonal Procrustes maps from streamed cross statistics. Pure maths, no ``nn.Module``.
+
+Paired activation rows ``a_k`` (width ``d_source``) and ``b_k`` (width ``d_target``) are summarised
+by :class:`CrossStatistics`. The map is the semi-orthogonal ``T`` (``d_source x d_target``) that
+maximises ``trace(T^T C)`` with ``C = sum_k a_k b_k^T``; for ``d_source <= d_target`` this is exactly
+the minimiser of ``sum_k ||a_k T - b_k||^2`` over matrices with orthonormal rows (Schönemann 1966,
+"A generalized solution of the orthogonal Procrustes problem"). With the thin SVD ``C = U S V^T`` the
+answer is the polar factor ``T = U V^T``, which is unique wherever ``C`` has full rank, even when
+singular values repeat.
+
+Directions on which ``C`` vanishes are not determined by the data. They are left out (``T`` is then
+a partial isometry of rank ``r``) unless ``completion="crop"`` asks for the deterministic completion
+documented in :func:`procrustes_map`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Completion = Literal["none", "crop"]
+
+
+@dataclass
+class CrossStatistics:
+    """Streaming sums over paired rows, kept in float64.
+
+    Shapes: ``cross`` [d_source, d_target], ``sum_source`` [d_source], ``sum_target`` [d_target],
+    ``gram_source`` [d_source, d_source] and ``gram_target`` [d_target, d_target] (only when
+    ``with_grams``). ``sq_source`` / ``sq_target`` are the summed squared row norms (traces of the
+    Grams), which cost nothing and give exact residuals on the narrow side.
+    """
+
+    d_source: int
+    d_target: int
+    with_grams: bool = False
+    device: torch.device | str = "cpu"
+    n_rows: int = 0
+    cross: Tensor = field(init=False)
+    sum_source: Tensor = field(init=False)
+    sum_target: Tensor = field(init=False)
+    sq_source: Tensor = field(init=False)
+    sq_target: Tensor = field(init=False)
+    gram_source: Tensor | None = field(init=False, default=None)
+    gram_target: Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.d_source < 1 or self.d_target < 1:
+            raise ValueError(
+                f"CrossStatistics needs positive widths, got d_source={self.d_source}, "
+                f"d_target={self.d_target}."
+            )
+        kw = {"dtype": torch.float64, "device": self.device}
+        self.cross = torch.zeros(self.d_source, self.d_target, **kw)
+        self.sum_source = torch.zeros(self.d_source, **kw)
+        self.sum_target = torch.zeros(self.d_target, **kw)
+        self.sq_source = torch.zeros((), **kw)
+        self.sq_target = torch.zeros((), **kw)
+        if self.with_grams:
+            self.gram_source = torch.zeros(self.d_source, self.d_source, **kw)
+            self.gram_target = torch.zeros(self.d_target, self.d_target, **kw)
+
+    def update(self, source_rows: Tensor, target_rows: Tensor) -> None:
+        """Add paired rows: ``source_rows`` [n_rows, d_source], ``target_rows`` [n_rows, d_target].
+
+        The products are formed in the rows' own precision (at least float32) and accumulated in
+        float64: a batch contributes a few thousand rows, so float32 products lose nothing that
+        matters while running several times faster than float64 ones on CPU.
+        """
+        if source_rows.ndim != 2 or target_rows.ndim != 2:
+            raise ValueError(
+                f"rows must be 2-D [n_rows, width], got {tuple(source_rows.shape)} and "
+                f"{tuple(target_rows.shape)}."
+            )
+        if source_rows.shape[0] != target_rows.shape[0]:
+            raise ValueError(
+                f"paired rows must have the same count, got {source_rows.shape[0]} source rows and "
+                f"{target_rows.shape[0]} target rows."
+            )
+        if source_rows.shape[1] != self.d_source or target_rows.shape[1] != self.d_target:
+            raise ValueError(
+                f"row widths {source_rows.shape[1]} x {target_rows.shape[1]} do not match the "
+                f"statistics' {self.d_source} x {self.d_target}."
+            )
+        if source_rows.shape[0] == 0:
+            return
+        a = _compute_dtype(source_rows).to(self.device)
+        b = _compute_dtype(target_rows).to(self.device)
+        self.cross += (a.T @ b).double()
+        self.sum_source += a.double().sum(0)
+        self.sum_target += b.double().sum(0)
+        self.sq_source += a.double().square().sum()
+        self.sq_target += b.double().square().sum()
+        if self.with_grams:
+            self.gram_source += (a.T @ a).double()
+            self.gram_target += (b.T @ b).double()
+        self.n_rows += int(a.shape[0])
+
+    def tensors(self) -> list[Tensor]:
+        """Every summed tensor, in a fixed order (used to all-reduce across ranks)."""
+        out = [self.cross, self.sum_source, self.sum_target, self.sq_source, self.sq_target]
+        if self.with_grams:
+            out += [self.gram_source, self.gram_target]
+        return out
+
+
+def _compute_dtype(x: Tensor) -> Tensor:
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@dataclass(frozen=True)
+class ProcrustesMap:
+    """A semi-orthogonal map ``map`` [d_source, d_target] (float64) and how well it is determined.
+
+    ``rank`` counts the singular values of the (possibly centred/whitened) cross moment above
+    ``rank_rtol * s_max``; directions beyond it are left out (``completion="none"``) or completed
+    deterministically (``completion="crop"``). ``residual`` is ``||A T - B||^2 / ||B||^2`` over the
+    calibration rows: exact when ``d_source <= d_target`` or when Grams were kept, otherwise an upper
+    bound. ``alignment`` is ``trace(S) / sqrt(||A||^2 ||B||^2)`` (1 for an exact isometry).
+    """
+
+    map: Tensor
+    rank: int
+    n_rows: int
+    residual: float
+    alignment: float
+    completed: int = 0
+
+    @property
+    def width(self) -> int:
+        return min(self.map.shape)
+
+
+def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
+    """Polar factor ``U_r V_r^T`` of ``matrix`` restricted to its numerical rank ``r``.
+
+    Returns the factor (same shape as ``matrix``, float64) and ``r``. Singular values at or below
+    ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the data.
+    """
+    m = matrix.double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return torch.zeros_like(m), 0
+    rank = int((s > rank_rtol * s[0]).sum())
+    return u[:, :rank] @ vh[:rank], rank
+
+
+def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
+    """The naive map [d_source, d_target]: identity on the shared leading coordinates, zero elsewhere."""
+    out = torch.zeros(d_source, d_target, dtype=dtype, device=device)
+    k = min(d_source, d_target)
+    out[range(k), range(k)] = 1.0
+    return out
+
+
+def _inverse_root(gram: Tensor, power: float, eig_floor: float) -> Tensor:
+    evals, evecs = torch.linalg.eigh(gram)
+    floor = eig_floor * max(float(evals.max()), 0.0)
+    evals = evals.clamp_min(floor if floor > 0 else 1e-300)
+    return (evecs * evals.pow(-power)) @ evecs.T
+
+
+def procrustes_map(
+    stats: CrossStatistics,
+    *,
+    center: bool = False,
+    whiten: float = 0.0,
+    completion: Completion = "none",
+    rank_rtol: float = 1e-6,
+    eig_floor: float = 1e-6,
+) -> ProcrustesMap:
+    """Map from statistics. Default (the method's): uncentred, no whitening, no completion.
+
+    - ``center``: use ``C - n mu_source mu_target^T`` (the cross-covariance).
+    - ``whiten=p`` in [0, 0.5]: ``C <- G_source^{-p} C G_target^{-p}`` (Grams centred with ``center``),
+      eigenvalues floored at ``eig_floor * max``; ``p=0.5`` is full whitening (CCA directions).
+    - ``completion="crop"``: fill the undetermined directions with the polar factor of the naive
+      crop map projected onto the orthogonal complements of the determined subspaces. Deterministic
+      (a polar factor is unique) and semi-orthogonal overall.
+    """
+    if not 0.0 <= whiten <= 0.5 or math.isnan(whiten):
+        raise ValueError(f"whiten must be a power in [0, 0.5], got {whiten!r}.")
+    if completion not in ("none", "crop"):
+        raise ValueError(f"completion must be 'none' or 'crop', got {completion!r}.")
+    if whiten > 0 and not stats.with_grams:
+        raise ValueError(
+            f"whiten={whiten} needs Gram matrices; accumulate CrossStatistics(with_grams=True)."
+        )
+    if stats.n_rows == 0:
+        raise ValueError("statistics are empty (n_rows=0): feed at least one calibration batch.")
+    if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
+        raise ValueError(
+            "statistics contain NaN or Inf: the calibration activations were not finite."
+        )
+    n = stats.n_rows
+    cross = stats.cross
+    gram_s, gram_t = stats.gram_source, stats.gram_target
+    if center:
+        mu_s, mu_t = stats.sum_source / n, stats.sum_target / n
+        cross = cross - n * torch.outer(mu_s, mu_t)
+        if stats.with_grams:
+            gram_s = gram_s - n * torch.outer(mu_s, mu_s)
+            gram_t = gram_t - n * torch.outer(mu_t, mu_t)
+    if whiten > 0:
+        cross = _inverse_root(gram_s, whiten, eig_floor) @ cross @ _inverse_root(gram_t, whiten, eig_floor)
+    transport, rank = polar_factor(cross, rank_rtol)
+    completed = 0
+    if completion == "crop" and rank < min(cross.shape):
+        transport, completed = _complete(transport, rank_rtol)
+    residual, alignment = _fit_quality(stats, transport, center)
+    return ProcrustesMap(transport, rank, n, residual, alignment, completed)
+
+
+def _complete(partial: Tensor, rank_rtol: float) -> tuple[Tensor, int]:
+    d_s, d_t = partial.shape
+    # Projectors onto the directions the data did not determine, on each side.
+    free_s = torch.eye(d_s, dtype=partial.dtype, device=partial.device) - partial @ partial.T
+    free_t = torch.eye(d_t, dtype=partial.dtype, device=partial.device) - partial.T @ partial
+    filler, added = polar_factor(free_s @ crop_map(d_s, d_t, device=partial.device) @ free_t, rank_rtol)
+    return partial + filler, added
+
+
+def _fit_quality(stats: CrossStatistics, transport: Tensor, center: bool) -> tuple[float, float]:
+    n = stats.n_rows
+    cross, sq_s, sq_t = stats.cross, stats.sq_source, stats.sq_target
+    if center:
+        mu_s, mu_t = stats.sum_source / n, stats.sum_target / n
+        cross = cross - n * torch.outer(mu_s, mu_t)
+        sq_s = sq_s - n * mu_s.square().sum()
+        sq_t = sq_t - n * mu_t.square().sum()
+    aligned = float((transport * cross).sum())
+    if stats.with_grams and transport.shape[0] > transport.shape[1]:
+        gram = stats.gram_source
+        if center:
+            gram = gram - n * torch.outer(stats.sum_source / n, stats.sum_source / n)
+        mapped_sq = float((transport * (gram @ transport)).sum())
+    else:
+        # ||A T||^2 = ||A P||^2 <= ||A||^2 with P the row-space projector of T: exact when T has
+        # orthonormal rows and the data lie in their span, an upper bound otherwise.
+        mapped_sq = float(sq_s)
+    denom = max(float(sq_t), 1e-300)
+    residual = max(mapped_sq - 2 * aligned + float(sq_t), 0.0) / denom
+    alignment = aligned / max(math.sqrt(max(float(sq_s), 0.0) * max(float(sq_t), 0.0)), 1e-300)
+    return residual, alignment

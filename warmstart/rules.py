@@ -1,0 +1,62 @@
+"""Per-parameter transport rules. Maps are ``[d_source, d_target]``; tensors are in PyTorch layout.
+
+- linear ``[out, in]``: ``T_out^T tau T_in``
+- vector ``[d]`` (bias, norm gain/shift, BN running mean): ``T_out^T v``
+- variance ``[d]`` (BN running variance): ``sum_i T_out[i, j]^2 v_i`` (variance of a mapped
+  coordinate when source coordinates are uncorrelated)
+- conv ``[out, in, kh, kw]``: the linear rule per spatial tap
+- depthwise ``[C, 1, kh, kw]``: per tap ``diag(T^T diag(w) T)``, i.e. ``sum_i T[i, j]^2 w_i``
+- head ``[n_classes, d]``: ``W_A T_in`` (the whole finetuned head; classes are the same)
+- slice (baseline): copy the overlapping block of every dimension, zero-pad the rest
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+import torch
+
+
+def linear(tau: Tensor, t_out: Tensor, t_in: Tensor) -> Tensor:
+    """``tau`` [out_s, in_s] -> [out_t, in_t]."""
+    return t_out.T @ tau @ t_in
+
+
+def vector(v: Tensor, t_out: Tensor) -> Tensor:
+    """``v`` [d_s] -> [d_t]."""
+    return t_out.T @ v
+
+
+def variance(v: Tensor, t_out: Tensor) -> Tensor:
+    """``v`` [d_s] -> [d_t], mapped as a variance."""
+    return t_out.square().T @ v
+
+
+def conv(tau: Tensor, t_out: Tensor, t_in: Tensor) -> Tensor:
+    """``tau`` [out_s, in_s, kh, kw] -> [out_t, in_t, kh, kw]."""
+    return torch.einsum("so,sikl,it->otkl", t_out, tau, t_in)
+
+
+def depthwise(tau: Tensor, t: Tensor) -> Tensor:
+    """``tau`` [C_s, 1, kh, kw] -> [C_t, 1, kh, kw]: the diagonal of ``T^T diag(w) T`` per tap."""
+    return torch.einsum("sj,sckl->jckl", t.square(), tau)
+
+
+def head(weight: Tensor, t_in: Tensor) -> Tensor:
+    """Finetuned head ``weight`` [n_classes, d_s] -> [n_classes, d_t]."""
+    return weight @ t_in
+
+
+def embedding(tau: Tensor, t_out: Tensor) -> Tensor:
+    """Embedding table ``[..., d_s]`` -> ``[..., d_t]`` along its feature (last) dimension."""
+    return tau @ t_out
+
+
+def crop_pad(tau: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Copy the overlapping block of ``tau`` into zeros of ``shape`` (the slice baseline)."""
+    if tau.ndim != len(shape):
+        raise ValueError(f"cannot crop/pad a {tau.ndim}-D tensor into shape {tuple(shape)}.")
+    out = torch.zeros(shape, dtype=tau.dtype, device=tau.device)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(tau.shape, shape))
+    out[region] = tau[region]
+    return out

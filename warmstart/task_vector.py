@@ -1,0 +1,259 @@
+"""Load checkpoints as state dicts and take task vectors (finetuned minus pretrained weights).
+
+A checkpoint is a ``.safetensors`` file, a torch ``.pt``/``.pth``/``.bin`` file (a raw state dict or
+a dict with a ``state_dict`` or ``model`` entry), a Lightning ``.ckpt`` or a Hugging Face model
+folder (``model.safetensors``, ``pytorch_model.bin`` or their sharded ``*.index.json`` forms).
+Everything is read on CPU; pickles are read with ``weights_only=True`` and never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+StateSource = nn.Module | Mapping[str, Tensor] | str | os.PathLike
+
+_EXPECTED = "expected a safetensors/.pt/.bin/.ckpt file or a Hugging Face model folder"
+_HF_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_SHOWN = 10
+
+
+def _preview(keys: Iterable[str]) -> str:
+    """``"a, b, ... (N in all)"`` with at most ``_SHOWN`` names, for error messages."""
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN])
+    return f"{shown}{', ...' if len(keys) > _SHOWN else ''} ({len(keys)} in all)"
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types and OSError
+        raise ValueError(f"could not read checkpoint {path}: {err}; {_EXPECTED}") from err
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt pickles raise many types (EOFError, RuntimeError, ...)
+        hint = _EXPECTED
+        if "weights_only" in str(err) or "Weights only" in str(err):
+            hint = (
+                "it holds Python objects that torch.load(weights_only=True) refuses to run; if you "
+                "trust the file, load it with torch.load(path, weights_only=False) yourself and "
+                "pass its state dict (a Mapping) instead of the path"
+            )
+        raise ValueError(f"could not read checkpoint {path}: {err}; {hint}") from err
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    """Return the state dict inside a loaded pickle: raw, or under ``state_dict`` / ``model``."""
+    if isinstance(obj, Mapping):
+        for entry in ("state_dict", "model"):
+            if isinstance(obj.get(entry), Mapping):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        what = "an empty dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise ValueError(
+            f"checkpoint {path} holds {what}, not a state dict; expected a raw "
+            "state dict or a dict with a 'state_dict' or 'model' entry"
+        )
+    bad = [str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        raise ValueError(
+            f"checkpoint {path} holds a dict whose entries {_preview(bad)} are not tensors; "
+            "expected a raw state dict or a dict with a 'state_dict' or 'model' entry"
+        )
+    return dict(obj)
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _unwrap(_read_torch(path), path)
+
+
+def _read_index(index: Path) -> dict[str, Tensor]:
+    """Load every shard named in a Hugging Face ``*.index.json`` ``weight_map``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"could not read checkpoint index {index}: {err!r}; expected a JSON object with a "
+            "'weight_map' from Hugging Face save_pretrained"
+        ) from err
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint shard {shard_path} listed in {index} does not exist; copy the whole "
+                "model folder, with all its shards"
+            )
+        state.update(_read_file(shard_path))
+    return state
+
+
+def _read_folder(folder: Path) -> dict[str, Tensor]:
+    for name in _HF_FILES:
+        path = folder / name
+        if path.is_file():
+            return _read_index(path) if name.endswith(".json") else _read_file(path)
+    found = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(
+        f"checkpoint folder {folder} has none of {', '.join(_HF_FILES)} (found: "
+        f"{', '.join(found[:_SHOWN]) or 'nothing'}); pass a Hugging Face model folder written by "
+        "save_pretrained, or the path of a weights file"
+    )
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str | None, origin: str) -> dict[str, Tensor]:
+    """Keep keys under ``prefix`` (``"model"`` and ``"model."`` mean the same) and strip it."""
+    if not prefix:
+        return state
+    if not prefix.endswith("."):
+        prefix += "."
+    kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not kept:
+        heads = sorted({k.split(".", 1)[0] + "." for k in state if "." in k})
+        raise ValueError(
+            f"prefix={prefix!r} matches no key of {origin} (keys: {_preview(state)}); pass one of "
+            f"the prefixes it has ({', '.join(heads[:_SHOWN]) or 'none'}) or prefix=None"
+        )
+    return kept
+
+
+def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, Tensor]:
+    """Read the weights of a checkpoint file or Hugging Face folder onto CPU.
+
+    Args:
+        path: a ``.safetensors``, ``.pt``/``.pth``/``.bin`` or Lightning ``.ckpt`` file, or a
+            folder with ``model.safetensors`` / ``pytorch_model.bin`` (sharded or not).
+        prefix: keep only keys starting with it and strip it, e.g. ``"model."`` for a
+            LightningModule that holds the network as ``self.model``.
+
+    Returns:
+        name -> tensor, with the shapes stored in the checkpoint.
+
+    Example:
+        >>> state = load_state_dict("lightning_logs/version_0/checkpoints/last.ckpt", prefix="model.")
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass the path of a safetensors/.pt/.bin/.ckpt "
+            "file or of a Hugging Face model folder"
+        )
+    state = _read_folder(path) if path.is_dir() else _read_file(path)
+    return _strip_prefix(state, prefix, f"checkpoint {path}")
+
+
+def as_state_dict(obj: StateSource, prefix: str | None = None) -> dict[str, Tensor]:
+    """Turn a module, a state dict or a checkpoint path into a plain ``dict[str, Tensor]``.
+
+    A module gives a detached clone of its ``state_dict()`` (later training does not change it);
+    a mapping is copied shallowly; a path goes through :func:`load_state_dict`.
+    """
+    if isinstance(obj, nn.Module):
+        state = {k: v.detach().clone() for k, v in obj.state_dict().items()}
+        return _strip_prefix(state, prefix, f"module {type(obj).__name__}")
+    if isinstance(obj, (str, os.PathLike)):
+        return load_state_dict(obj, prefix=prefix)
+    if isinstance(obj, Mapping):
+        bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise TypeError(
+                f"state dict entries {_preview(bad)} are not tensors; pass a mapping of name -> "
+                "Tensor, e.g. module.state_dict()"
+            )
+        return _strip_prefix(dict(obj), prefix, "the state dict")
+    raise TypeError(
+        f"cannot read weights from a {type(obj).__name__}; pass an nn.Module, a state dict "
+        "(Mapping[str, Tensor]) or the path of a checkpoint"
+    )
+
+
+def _floats(state: Mapping[str, Tensor], ignore: set[str]) -> dict[str, Tensor]:
+    return {k: v for k, v in state.items() if k not in ignore and v.is_floating_point()}
+
+
+def _prefix_hint(pretrained: Mapping, finetuned: Mapping) -> str:
+    """Name the wrapper prefix (e.g. ``model.``) when one side's keys are the other's plus it."""
+    for name, longer, shorter in (
+        ("pretrained", pretrained, finetuned),
+        ("finetuned", finetuned, pretrained),
+    ):
+        heads = {k.split(".", 1)[0] for k in longer}
+        if len(heads) == 1 and "." in next(iter(longer)):
+            head = heads.pop() + "."
+            if {k[len(head) :] for k in longer} == set(shorter):
+                return f" (the {name} keys all start with {head!r}: pass prefix={head!r})"
+    return ""
+
+
+def _key_error(pretrained: Mapping, finetuned: Mapping) -> ValueError:
+    only_pre, only_ft = set(pretrained) - set(finetuned), set(finetuned) - set(pretrained)
+    parts = []
+    if only_pre:
+        parts.append(f"only in pretrained: {_preview(only_pre)}")
+    if only_ft:
+        parts.append(f"only in finetuned: {_preview(only_ft)}")
+    return ValueError(
+        f"pretrained and finetuned have different floating-point keys ({'; '.join(parts)}); "
+        "load matching checkpoints, strip a wrapper prefix with load_state_dict(..., "
+        f"prefix='model.'){_prefix_hint(pretrained, finetuned)}, or list keys to skip in ignore="
+    )
+
+
+def _shape_error(bad: list[str], pretrained: Mapping, finetuned: Mapping) -> ValueError:
+    shown = ", ".join(
+        f"{k!r}: {list(pretrained[k].shape)} vs {list(finetuned[k].shape)}" for k in bad[:_SHOWN]
+    )
+    more = ", ..." if len(bad) > _SHOWN else ""
+    return ValueError(
+        f"pretrained and finetuned shapes differ for {len(bad)} keys ({shown}{more}; pretrained "
+        "vs finetuned); a task vector needs the same architecture on both sides: check that both "
+        "checkpoints come from the same model, or list the keys (e.g. a replaced head) in ignore="
+    )
+
+
+def task_vector(
+    pretrained: StateSource, finetuned: StateSource, *, ignore: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """``finetuned - pretrained`` for every floating-point tensor, on CPU.
+
+    Integer and bool buffers (``num_batches_tracked``, index tables) are not weights and are
+    dropped. Keys in ``ignore`` (exact names) are skipped on both sides. Each entry has the shape
+    of its parameter, in float64 if either side is float64 and float32 otherwise.
+
+    Args:
+        pretrained: the base weights (module, state dict or checkpoint path).
+        finetuned: the same architecture after fine-tuning.
+        ignore: exact key names to leave out, e.g. a task head absent from the base model.
+    """
+    ignore = set(ignore)
+    pre = _floats(as_state_dict(pretrained), ignore)
+    ft = _floats(as_state_dict(finetuned), ignore)
+    if set(pre) != set(ft):
+        raise _key_error(pre, ft)
+    bad = [k for k in pre if pre[k].shape != ft[k].shape]
+    if bad:
+        raise _shape_error(bad, pre, ft)
+    vector = {}
+    for key, base in pre.items():
+        dtype = torch.float64 if torch.float64 in (base.dtype, ft[key].dtype) else torch.float32
+        vector[key] = ft[key].detach().to("cpu", dtype) - base.detach().to("cpu", dtype)
+    return vector

@@ -1,0 +1,364 @@
+"""Move a task vector from a source model into a target model: the one public entry point.
+
+Everything is computed before anything is written; the write itself restores the old values if it
+fails, so after any error the target is bit-for-bit what it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import rules
+from .activations import collect_statistics
+from .families import describe_model
+from .families.base import ModelLayout, ParamRole, SpaceKey
+from .matching import DepthMapping, Matching, match
+from .procrustes import Completion, ProcrustesMap, procrustes_map
+from .task_vector import as_state_dict, task_vector
+from .transport_report import MapReport, ParamReport, TransportReport
+
+Method = Literal["theseus", "slice", "head_only"]
+METHODS = ("theseus", "slice", "head_only")
+DEFAULT_ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    center: bool = False
+    whiten: float = 0.0
+    completion: Completion = "none"
+    rank_rtol: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Update:
+    """Computed, not yet applied: ``deltas`` are added (times alpha), ``values`` replace."""
+
+    deltas: Mapping[str, Tensor]
+    values: Mapping[str, Tensor]
+    params: tuple[ParamReport, ...]
+    maps: tuple[MapReport, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                            or not math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number or 'auto', got {alpha!r}.")
+    if not isinstance(whiten, (int, float)) or not 0.0 <= whiten <= 0.5:
+        raise ValueError(f"whiten must be a power in [0, 0.5], got {whiten!r}.")
+    if depthwise not in ("diagonal", "zero"):
+        raise ValueError(f"depthwise must be 'diagonal' or 'zero', got {depthwise!r}.")
+    if embeddings not in ("zero", "map"):
+        raise ValueError(f"embeddings must be 'zero' or 'map', got {embeddings!r}.")
+
+
+def transport(
+    source_pretrained: nn.Module,
+    source_finetuned: nn.Module | Mapping[str, Tensor] | str,
+    target: nn.Module,
+    calibration: Iterable[Any] | None = None,
+    *,
+    target_calibration: Iterable[Any] | None = None,
+    method: Method = "theseus",
+    alpha: float | Literal["auto"] = 1.0,
+    alpha_grid: Iterable[float] = DEFAULT_ALPHA_GRID,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    center: bool = False,
+    whiten: float = 0.0,
+    completion: Completion = "none",
+    depthwise: Literal["diagonal", "zero"] = "diagonal",
+    embeddings: Literal["zero", "map"] = "zero",
+    depth_mapping: DepthMapping = None,
+    strict: bool = True,
+    max_batches: int | None = None,
+    source_family: str | None = None,
+    target_family: str | None = None,
+    progress: bool = True,
+) -> TransportReport:
+    """Add ``alpha * tau_B`` to ``target`` in place and return the transport report.
+
+    Args:
+        source_pretrained: the source base model (its activations are observed).
+        source_finetuned: the finetuned source: a module, a state dict or a checkpoint path.
+        target: the target base model, updated in place (its task head is replaced).
+        calibration: model inputs (tensors, or mappings of keyword tensors), e.g. unlabelled
+            training batches; not needed for ``method="slice"``.
+        target_calibration: the target's own inputs for the same examples, when its
+            preprocessing differs (another tokenizer).
+        method: ``theseus`` (Procrustes maps), ``slice`` (crop/pad baseline) or ``head_only``.
+        alpha: strength, or ``"auto"`` to take the best of ``alpha_grid`` by ``evaluate(target)``
+            (a validation loss, lower is better; forward passes only).
+        center, whiten, completion: map options, see :func:`warmstart.procrustes.procrustes_map`.
+        depthwise: ``diagonal`` transports depthwise convs by the diagonal rule, ``zero`` leaves
+            them at the target's weights.
+        embeddings: ``zero`` (the method's default) or ``map`` (feature dimension mapped).
+        depth_mapping: explicit source block per target block (see ``matching.map_blocks``).
+        strict: error on parameters that cannot be matched; when False they are skipped and listed.
+    """
+    check_options(method, alpha, whiten, depthwise, embeddings)
+    if alpha == "auto" and evaluate is None:
+        raise ValueError("alpha='auto' needs evaluate=<callable(model) -> validation loss>.")
+    started = time.perf_counter()
+    finetuned = as_state_dict(source_finetuned)
+    layout_s = describe_model(source_pretrained, source_family)
+    layout_t = describe_model(target, target_family)
+    matching = match(layout_s, layout_t, depth_mapping)
+    opts = MapOptions(center, float(whiten), completion)
+    update, timings = compute_update(
+        source_pretrained, finetuned, target, layout_s, layout_t, matching, calibration,
+        target_calibration, method, opts, depthwise, embeddings, strict, max_batches, progress,
+    )
+    scores: tuple[tuple[float, float], ...] = ()
+    if alpha == "auto":
+        alpha, scores = select_alpha(target, update, evaluate, alpha_grid)
+    t0 = time.perf_counter()
+    apply_update(target, update, float(alpha))
+    timings["apply"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    options = dict(method=method, center=center, whiten=whiten, completion=completion,
+                   depthwise=depthwise, embeddings=embeddings, strict=strict,
+                   max_batches=max_batches)
+    return TransportReport(
+        method, float(alpha), layout_s.family, layout_t.family,
+        tuple((str(t), str(s)) for t, s in matching.block_map.items()),
+        update.params, update.maps, update.skipped, timings, options, scores,
+    )
+
+
+def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: ModelLayout,
+                   matching: Matching, calibration, target_calibration, method: str,
+                   opts: MapOptions, depthwise: str, embeddings: str, strict: bool,
+                   max_batches, progress) -> tuple[Update, dict[str, float]]:
+    """Everything up to, not including, the write into the target."""
+    timings: dict[str, float] = {}
+    pretrained = as_state_dict(source)
+    head_names = {p.name for p in layout_s.params if p.rule in ("head", "head_bias")}
+    tau = task_vector(pretrained, finetuned, ignore=head_names)
+    skipped = _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict)
+    pairs = [pp for pp in matching.params if _wanted(pp.target, method, depthwise, embeddings)]
+    needed = {k for pp in pairs for k in (pp.target.space_in, pp.target.space_out) if k}
+    maps: dict[SpaceKey, ProcrustesMap] = {}
+    if method != "slice" and needed:
+        missing = sorted(str(k) for k in needed if k not in matching.spaces)
+        if missing:
+            raise ValueError(f"no paired activations observe the target spaces {missing}; the "
+                             "source and target adapters name no common points there.")
+        if calibration is None:
+            raise ValueError(f"method={method!r} needs calibration inputs; pass calibration=... "
+                             "(e.g. a DataLoader of unlabelled training inputs).")
+        t0 = time.perf_counter()
+        stats = collect_statistics(
+            source, target, layout_s, layout_t, [matching.spaces[k] for k in sorted(needed, key=str)],
+            calibration, target_calibration, with_grams=opts.whiten > 0,
+            max_batches=max_batches, progress=progress)
+        timings["statistics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        maps = {k: procrustes_map(s, center=opts.center, whiten=opts.whiten,
+                                  completion=opts.completion, rank_rtol=opts.rank_rtol)
+                for k, s in stats.items()}
+        timings["maps"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    deltas, values, reports = _transport_params(pairs, tau, finetuned, target, maps, method)
+    timings["rules"] = time.perf_counter() - t0
+    map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
+                        for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
+    _warn_rank(map_reports)
+    return Update(deltas, values, reports, map_reports, tuple(skipped)), timings
+
+
+def _wanted(role: ParamRole, method: str, depthwise: str, embeddings: str) -> bool:
+    if method == "head_only":
+        return role.rule in ("head", "head_bias")
+    if role.rule == "embedding":
+        return embeddings == "map" or method == "slice"
+    return not (role.rule == "depthwise" and depthwise == "zero")
+
+
+def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict):
+    """Every parameter must be matched or carry an explicit reason; returns the skipped list."""
+    described_t = {p.name for p in layout_t.params} | set(layout_t.excluded)
+    described_s = {p.name for p in layout_s.params} | set(layout_s.excluded)
+    problems = [(n, "no family rule describes it (target)")
+                for n, v in target.state_dict().items()
+                if v.is_floating_point() and n not in described_t]
+    problems += [(n, "no family rule describes it (source)") for n in tau if n not in described_s]
+    zero_ok = {"embedding"} if embeddings == "zero" else set()
+    rules_t = {p.name: p.rule for p in layout_t.params}
+    rules_s = {p.name: p.rule for p in layout_s.params}
+    problems += [(n, r) for n, r in matching.unmatched_target if rules_t.get(n) not in zero_ok]
+    problems += [(n, r) for n, r in matching.unmatched_source
+                 if rules_s.get(n) not in zero_ok and n in tau]
+    if problems and strict:
+        listed = "; ".join(f"{n}: {r}" for n, r in problems[:10])
+        raise ValueError(
+            f"{len(problems)} parameter(s) cannot be matched between source ({layout_s.family}) and "
+            f"target ({layout_t.family}): {listed}{' ...' if len(problems) > 10 else ''}. Pass "
+            "strict=False to skip them (they keep a zero delta and are listed in the report), or "
+            "choose models of compatible families."
+        )
+    skipped = list(problems)
+    skipped += [(n, f"zero delta: {layout_t.excluded[n]}") for n in layout_t.excluded]
+    return skipped
+
+
+def _role_tensor(tensors: Mapping[str, Tensor], role: ParamRole) -> Tensor:
+    value = tensors[role.name]
+    if role.rows is not None:
+        value = value[role.rows[0]:role.rows[1]]
+    return value
+
+
+def _transport_params(pairs, tau, finetuned, target, maps, method):
+    target_state = target.state_dict()
+    deltas: dict[str, Tensor] = {}
+    values: dict[str, Tensor] = {}
+    reports = []
+    for pp in pairs:
+        role_t, role_s = pp.target, pp.source
+        current = _role_tensor(target_state, role_t)
+        if role_t.rule in ("head", "head_bias"):
+            source_value = _role_tensor(finetuned, role_s).double()
+        elif role_s.name in tau:
+            source_value = _role_tensor(tau, role_s).double()
+        else:
+            continue
+        t_out = maps.get(role_t.space_out) if role_t.space_out else None
+        t_in = maps.get(role_t.space_in) if role_t.space_in else None
+        device = t_out.map.device if t_out else (t_in.map.device if t_in else current.device)
+        new = _apply_rule(role_t, source_value.to(device), current.shape, method,
+                          t_out.map if t_out else None, t_in.map if t_in else None)
+        whole = values if role_t.rule in ("head", "head_bias") else deltas
+        _place(whole, role_t, new, target_state)
+        reports.append(ParamReport(
+            role_t.name if role_t.rows is None else f"{role_t.name}[{role_t.rows[0]}:{role_t.rows[1]}]",
+            role_t.role, role_t.rule if method != "slice" else "slice", role_s.name,
+            float(source_value.norm()), float(new.norm()),
+            str(role_t.space_out) if role_t.space_out else None,
+            str(role_t.space_in) if role_t.space_in else None,
+            t_out.residual if t_out else None, t_in.residual if t_in else None))
+    return deltas, values, tuple(reports)
+
+
+def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> Tensor:
+    if method == "slice" and role.rule not in ("head", "head_bias"):
+        return rules.crop_pad(value, tuple(shape))
+    if role.rule == "head_bias":
+        new = value
+    elif role.rule == "head":
+        new = rules.crop_pad(value, tuple(shape)) if method == "slice" else rules.head(value, t_in)
+    elif role.rule == "linear":
+        new = rules.linear(value, t_out, t_in)
+    elif role.rule == "vector":
+        new = rules.vector(value, t_out)
+    elif role.rule == "variance":
+        new = rules.variance(value, t_out)
+    elif role.rule == "conv":
+        if value.shape[2:] != tuple(shape[2:]):
+            raise ValueError(f"{role.name}: kernel {tuple(value.shape[2:])} of the source cannot "
+                             f"be transported into kernel {tuple(shape[2:])}.")
+        new = rules.conv(value, t_out, t_in)
+    elif role.rule == "depthwise":
+        new = rules.depthwise(value, t_out)
+    else:  # embedding with embeddings="map"
+        new = rules.embedding(value, t_out)
+    if tuple(new.shape) != tuple(shape):
+        raise ValueError(f"{role.name}: the {role.rule} rule produced shape {tuple(new.shape)} but "
+                         f"the target parameter has shape {tuple(shape)}; for the head, source "
+                         "and target must predict the same classes.")
+    return new
+
+
+def _place(store: dict[str, Tensor], role: ParamRole, new: Tensor, target_state) -> None:
+    if role.rows is None:
+        store[role.name] = new
+        return
+    if role.name not in store:
+        store[role.name] = torch.zeros(target_state[role.name].shape, dtype=new.dtype,
+                                       device=new.device)
+    store[role.name][role.rows[0]:role.rows[1]] = new
+
+
+def _map_report(key: SpaceKey, source_key: SpaceKey, m: ProcrustesMap) -> MapReport:
+    d_s, d_t = m.map.shape
+    return MapReport(str(key), str(source_key), d_s, d_t, m.n_rows, m.rank, m.residual,
+                     m.alignment, m.completed)
+
+
+def _warn_rank(maps: tuple[MapReport, ...]) -> None:
+    deficient = [m for m in maps if not m.determined]
+    if deficient:
+        worst = ", ".join(f"{m.target_space} rank {m.rank}/{min(m.d_source, m.d_target)} "
+                          f"from {m.n_rows} rows" for m in deficient[:3])
+        warnings.warn(
+            f"{len(deficient)} of {len(maps)} maps are rank-deficient ({worst}); their "
+            "undetermined directions get no delta. Use more calibration data, or "
+            "completion='crop' for a deterministic completion.", stacklevel=3)
+
+
+def target_tensors(target: nn.Module) -> dict[str, Tensor]:
+    """Parameters and floating buffers of ``target`` by state-dict name (the live tensors)."""
+    out = dict(target.named_parameters())
+    out.update({n: b for n, b in target.named_buffers() if b.is_floating_point()})
+    return out
+
+
+def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
+    """Write ``theta + alpha * delta`` (computed in float64, cast once) and the replaced values.
+
+    All new values are computed and checked first; the copy restores the old values if it fails.
+    """
+    live = target_tensors(target)
+    new_values: dict[str, Tensor] = {}
+    for name, delta in update.deltas.items():
+        current = live[name]
+        new_values[name] = current.detach().double() + alpha * delta.to(current.device)
+    for name, value in update.values.items():
+        new_values[name] = value
+    for name, value in new_values.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"the transported value of {name} is not finite; nothing was "
+                             "written. Check alpha and the calibration data.")
+        new_values[name] = value.to(device=live[name].device, dtype=live[name].dtype)
+    backup = {name: live[name].detach().clone() for name in new_values}
+    try:
+        with torch.no_grad():
+            for name, value in new_values.items():
+                live[name].copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for name, value in backup.items():
+                live[name].copy_(value)
+        raise
+
+
+def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[float, tuple]:
+    """Best alpha of ``grid`` by ``evaluate(target)`` (lower is better); target restored after."""
+    grid = [float(a) for a in grid]
+    if not grid or not all(math.isfinite(a) for a in grid):
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}.")
+    live = target_tensors(target)
+    backup = {n: live[n].detach().clone() for n in (*update.deltas, *update.values)}
+    scores = []
+    try:
+        for a in grid:
+            apply_update(target, update, a)
+            scores.append((a, float(evaluate(target))))
+    finally:
+        with torch.no_grad():
+            for name, value in backup.items():
+                live[name].copy_(value)
+    finite = [s for s in scores if math.isfinite(s[1])]
+    if not finite:
+        raise ValueError(f"every alpha in {grid} gave a non-finite validation loss.")
+    return min(finite, key=lambda s: s[1])[0], tuple(scores)
