@@ -49,13 +49,15 @@ def prepare_inputs(model: nn.Module, layout: ModelLayout, batch: Any) -> tuple[A
     return batch, SequenceInfo()
 
 
-def move_to(batch: Any, device: torch.device) -> Any:
+def move_to(batch: Any, model: nn.Module) -> Any:
+    """``batch`` on ``model``'s device, floating tensors in its dtype (e.g. bf16 models)."""
+    device, dtype = model_device(model), model_dtype(model)
     if isinstance(batch, Tensor):
-        return batch.to(device)
+        return batch.to(device, dtype) if batch.is_floating_point() else batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
+        return {k: move_to(v, model) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
+        return type(batch)(move_to(v, model) for v in batch)
     return batch
 
 
@@ -63,6 +65,13 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,9 +270,9 @@ def collect_statistics(
         for batch_s, batch_t in progress_bar(pairs, "calibration", total=max_batches,
                                              enabled=progress):
             inputs_s, infos["source"] = prepare_inputs(source, source_layout,
-                                                       move_to(batch_s, model_device(source)))
+                                                       move_to(batch_s, source))
             inputs_t, infos["target"] = prepare_inputs(target, target_layout,
-                                                       move_to(batch_t, device_t))
+                                                       move_to(batch_t, target))
             call_model(source, inputs_s)
             call_model(target, inputs_t)
             stored.clear()

@@ -174,10 +174,21 @@ def mpnet_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 # efficientnet-lite-pytorch names -> timm names. Blocks with an expansion conv are timm's
 # InvertedResidual (conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3); the first block has none and is a
 # DepthwiseSeparableConv (conv_dw, bn1, conv_pw, bn2).
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
-_TOP["_fc"] = "classifier"
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2"}
-_EXPANDED |= {"_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_EXPANDED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _SEPARABLE = {
     "_depthwise_conv": "conv_dw",
     "_bn1": "bn1",
@@ -207,17 +218,20 @@ def _load_lite_weights(model: nn.Module, path: Path) -> None:
     """Strictly load an efficientnet-lite-pytorch state dict into a timm EfficientNet-Lite."""
     source = load_state_dict(path)
     names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
-    expanded = {int(k.split(".")[1]) for k in source if ("._expand_conv." in k)}
+    expanded = {int(k.split(".")[1]) for k in source if "._expand_conv." in k}
     mapped = {_timm_key(k, names, expanded, path): v for k, v in source.items()}
     own = model.state_dict()
     missing, unused = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
-    shapes = [f"{k}: {list(v.shape)} vs {list(own[k].shape)}" for k, v in mapped.items()
-              if k in own and v.shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: {list(v.shape)} vs {list(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if missing or unused or shapes:
         raise ValueError(
             f"{path} does not fit timm's {type(model).__name__} exactly (missing: {missing[:10]}, "
-            f"unused: {unused[:10]}, shape file vs model: {shapes[:10]}); pass the variant whose "
-            "file this is"
+            f"unused: {unused[:10]}, shape file vs model: {shapes[:10]}); the file and the "
+            "variant do not match: reinstall the package named in warmstart.assets.ASSETS"
         )
     model.load_state_dict(mapped, strict=True)
 

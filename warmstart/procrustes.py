@@ -88,8 +88,10 @@ class CrossStatistics:
             )
         if source_rows.shape[0] == 0:
             return
-        a = _compute_dtype(source_rows).to(self.device)
-        b = _compute_dtype(target_rows).to(self.device)
+        dtype = torch.float64 if torch.float64 in (source_rows.dtype, target_rows.dtype) \
+            else torch.float32
+        a = source_rows.detach().to(self.device, dtype)
+        b = target_rows.detach().to(self.device, dtype)
         self.cross += (a.T @ b).double()
         self.sum_source += a.double().sum(0)
         self.sum_target += b.double().sum(0)
@@ -106,11 +108,6 @@ class CrossStatistics:
         if self.with_grams:
             out += [self.gram_source, self.gram_target]
         return out
-
-
-def _compute_dtype(x: Tensor) -> Tensor:
-    x = x.detach()
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass(frozen=True)

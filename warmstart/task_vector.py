@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -48,14 +49,17 @@ def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt pickles raise many types (EOFError, RuntimeError, ...)
-        hint = _EXPECTED
-        if "weights_only" in str(err) or "Weights only" in str(err):
+        reason, hint = str(err), _EXPECTED
+        if "Weights only load failed" in reason:
+            # torch's message spans many lines; its "WeightsUnpickler error" line names the object
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", reason, re.M)
+            reason = (found.group(1) if found else reason.splitlines()[0]).rstrip(".")
             hint = (
                 "it holds Python objects that torch.load(weights_only=True) refuses to run; if you "
                 "trust the file, load it with torch.load(path, weights_only=False) yourself and "
                 "pass its state dict (a Mapping) instead of the path"
             )
-        raise ValueError(f"could not read checkpoint {path}: {err}; {hint}") from err
+        raise ValueError(f"could not read checkpoint {path}: {reason}; {hint}") from err
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
@@ -149,7 +153,7 @@ def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[
         name -> tensor, with the shapes stored in the checkpoint.
 
     Example:
-        >>> state = load_state_dict("lightning_logs/version_0/checkpoints/last.ckpt", prefix="model.")
+        >>> state = load_state_dict("checkpoints/last.ckpt", prefix="model.")  # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():

@@ -350,14 +350,19 @@ def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[flo
     live = target_tensors(target)
     backup = {n: live[n].detach().clone() for n in (*update.deltas, *update.values)}
     scores = []
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, value in backup.items():
+                live[name].copy_(value)
+
     try:
         for a in grid:
             apply_update(target, update, a)
             scores.append((a, float(evaluate(target))))
+            restore()
     finally:
-        with torch.no_grad():
-            for name, value in backup.items():
-                live[name].copy_(value)
+        restore()
     finite = [s for s in scores if math.isfinite(s[1])]
     if not finite:
         raise ValueError(f"every alpha in {grid} gave a non-finite validation loss.")

@@ -1,0 +1,160 @@
+"""Properties of the Procrustes maps: recovery, orthonormality, invariances, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmstart.procrustes import CrossStatistics, crop_map, polar_factor, procrustes_map
+
+
+def _semi_orthogonal(d_s: int, d_t: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(d_s, d_t), max(d_s, d_t), generator=g,
+                                       dtype=torch.float64))
+    return q[:d_s, :d_t] if d_s <= d_t else q[:d_t, :d_s].T
+
+
+def _stats(a: torch.Tensor, b: torch.Tensor, grams: bool = False) -> CrossStatistics:
+    s = CrossStatistics(a.shape[1], b.shape[1], with_grams=grams)
+    for chunk_a, chunk_b in zip(a.split(97), b.split(97)):
+        s.update(chunk_a, chunk_b)
+    return s
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_s=st.integers(2, 24), extra=st.integers(0, 16), seed=st.integers(0, 10_000))
+def test_planted_map_is_recovered_when_widening(d_s, extra, seed):
+    d_t = d_s + extra
+    planted = _semi_orthogonal(d_s, d_t, seed)
+    a = torch.randn(4 * d_t + 10, d_s, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed + 1))
+    m = procrustes_map(_stats(a, a @ planted))
+    torch.testing.assert_close(m.map, planted, atol=1e-8, rtol=0)
+    assert m.rank == d_s
+    assert m.residual < 1e-10
+    assert m.alignment == pytest.approx(1.0, abs=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_s=st.integers(1, 20), d_t=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_orthonormal_on_the_narrow_side(d_s, d_t, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(64, d_s, generator=g, dtype=torch.float64)
+    b = torch.randn(64, d_t, generator=g, dtype=torch.float64)
+    t = procrustes_map(_stats(a, b)).map
+    narrow = t @ t.T if d_s <= d_t else t.T @ t
+    torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
+                               atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scale_s,scale_t", [(10.0, 1.0), (1.0, 1e-3), (7.5, 250.0)])
+def test_invariant_to_scaling_the_activations(scale_s, scale_t):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 20, generator=g, dtype=torch.float64) + a @ _semi_orthogonal(12, 20, 4)
+    base = procrustes_map(_stats(a, b)).map
+    scaled = procrustes_map(_stats(scale_s * a, scale_t * b)).map
+    torch.testing.assert_close(base, scaled, atol=1e-10, rtol=0)
+
+
+def test_beats_the_naive_crop_map_on_planted_data():
+    planted = _semi_orthogonal(16, 24, 5)
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    b = a @ planted + 0.1 * torch.randn(500, 24, generator=g, dtype=torch.float64)
+    learned = procrustes_map(_stats(a, b)).map
+    err_learned = (a @ learned - b).norm()
+    err_crop = (a @ crop_map(16, 24) - b).norm()
+    assert err_learned < 0.2 * err_crop
+
+
+def test_residual_is_exact_when_widening():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 11, generator=g, dtype=torch.float64)
+    m = procrustes_map(_stats(a, b))
+    expected = ((a @ m.map - b).square().sum() / b.square().sum()).item()
+    assert m.residual == pytest.approx(expected, rel=1e-9)
+
+
+def test_streaming_equals_one_shot():
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(1000, 10, generator=g, dtype=torch.float64)
+    b = torch.randn(1000, 14, generator=g, dtype=torch.float64)
+    chunked = _stats(a, b)
+    torch.testing.assert_close(chunked.cross, a.T @ b)
+    torch.testing.assert_close(chunked.sum_source, a.sum(0))
+    assert chunked.n_rows == 1000
+
+
+def test_centering_removes_a_shared_offset():
+    planted = _semi_orthogonal(6, 9, 9)
+    g = torch.Generator().manual_seed(10)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    b = a @ planted + 50.0  # a large constant offset on every target coordinate
+    centred = procrustes_map(_stats(a, b), center=True).map
+    torch.testing.assert_close(centred, planted, atol=1e-8, rtol=0)
+    plain = procrustes_map(_stats(a, b)).map
+    assert (plain - planted).abs().max() > 1e-3
+
+
+def test_full_whitening_recovers_a_map_under_anisotropic_scaling():
+    g = torch.Generator().manual_seed(11)
+    planted = _semi_orthogonal(5, 5, 12)
+    a = torch.randn(2000, 5, generator=g, dtype=torch.float64) * torch.tensor(
+        [10.0, 3.0, 1.0, 0.3, 0.1], dtype=torch.float64)
+    b = a @ planted
+    m = procrustes_map(_stats(a, b, grams=True), whiten=0.5)
+    torch.testing.assert_close(m.map, planted, atol=1e-6, rtol=0)
+
+
+def test_rank_deficient_directions_are_left_out_or_completed():
+    g = torch.Generator().manual_seed(13)
+    basis = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(100, 3, generator=g, dtype=torch.float64) @ basis  # rank 3 of 8
+    b = torch.cat([a, torch.zeros(100, 4, dtype=torch.float64)], 1)
+    left_out = procrustes_map(_stats(a, b))
+    assert left_out.rank == 3 and left_out.completed == 0
+    assert torch.linalg.matrix_rank(left_out.map).item() == 3
+    completed = procrustes_map(_stats(a, b), completion="crop")
+    assert completed.rank == 3 and completed.completed == 5
+    torch.testing.assert_close(completed.map @ completed.map.T,
+                               torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    # The determined part is the same either way, and the data are still mapped exactly.
+    torch.testing.assert_close(a @ completed.map, b, atol=1e-9, rtol=0)
+
+
+def test_polar_factor_is_unique_under_repeated_singular_values():
+    m = torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+    q = _semi_orthogonal(3, 3, 14)
+    factor, rank = polar_factor(m @ q)
+    assert rank == 3
+    torch.testing.assert_close(factor, q, atol=1e-12, rtol=0)
+
+
+def test_bad_input_raises_clear_errors():
+    s = CrossStatistics(3, 4)
+    with pytest.raises(ValueError, match="statistics are empty"):
+        procrustes_map(s)
+    with pytest.raises(ValueError, match=r"whiten must be a power in \[0, 0.5\], got 0.7"):
+        procrustes_map(s, whiten=0.7)
+    with pytest.raises(ValueError, match="needs Gram matrices"):
+        s.update(torch.randn(5, 3), torch.randn(5, 4))
+        procrustes_map(s, whiten=0.25)
+    with pytest.raises(ValueError, match="completion must be 'none' or 'crop'"):
+        procrustes_map(s, completion="zeros")
+    with pytest.raises(ValueError, match="same count"):
+        s.update(torch.randn(5, 3), torch.randn(6, 4))
+    with pytest.raises(ValueError, match="do not match the statistics' 3 x 4"):
+        s.update(torch.randn(5, 2), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        s.update(torch.randn(5, 3, 1), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="positive widths"):
+        CrossStatistics(0, 4)
+    bad = CrossStatistics(2, 2)
+    bad.update(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        procrustes_map(bad)
