@@ -244,3 +244,17 @@ def test_task_vector_shape_mismatch():
         ValueError, match=r"differ for 1 keys \('a': \[2, 3\] vs \[3, 2\]; .*ignore="
     ):
         task_vector(base, tuned)
+
+
+def test_task_vector_ignore_accepts_one_name():
+    base = {"w": torch.zeros(2), "head": torch.zeros(10, 2)}
+    tuned = {"w": torch.ones(2), "head": torch.zeros(3, 2)}
+    assert list(task_vector(base, tuned, ignore="head")) == ["w"]
+
+
+def test_task_vector_does_not_alias_the_finetuned_module():
+    base, tuned = _net(), _net()
+    vector = task_vector(base, tuned)
+    with torch.no_grad():
+        tuned[0].weight.add_(1.0)
+    assert torch.equal(vector["0.weight"], torch.zeros(3, 4))

@@ -10,10 +10,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .transport import transport  # eager: the name would otherwise resolve to the submodule
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "transport": "warmstart.transport",
     "TransportReport": "warmstart.transport_report",
     "procrustes_map": "warmstart.procrustes",
     "CrossStatistics": "warmstart.procrustes",
@@ -29,7 +30,7 @@ _EXPORTS = {
     "summarize": "warmstart.summary",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "transport"])
 
 
 def __getattr__(name: str) -> Any:
@@ -47,5 +48,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .report import write_report  # noqa: F401
     from .summary import summarize  # noqa: F401
     from .task_vector import load_state_dict, task_vector  # noqa: F401
-    from .transport import transport  # noqa: F401
     from .transport_report import TransportReport  # noqa: F401

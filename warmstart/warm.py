@@ -78,10 +78,12 @@ def target_module(pl_module: nn.Module, attribute: str) -> nn.Module:
     return module
 
 
-def load_source(config: TransportConfig, num_classes: int) -> tuple[nn.Module, dict]:
+def load_source(config: TransportConfig, num_classes: int,
+                module: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """The source base model (for activations) and the finetuned weights, in its naming."""
-    pretrained = build_model(config.source_pretrained, num_classes, pretrained=True,
-                             model_kwargs=dict(config.source_model_kwargs))
+    pretrained = module if module is not None else build_model(
+        config.source_pretrained, num_classes, pretrained=True,
+        model_kwargs=dict(config.source_model_kwargs))
     finetuned = load_state_dict(config.source_finetuned)
     names = set(pretrained.state_dict())
     if not names & set(finetuned):
@@ -100,10 +102,10 @@ def head_classes(model: nn.Module) -> int:
                          "(head/classifier/fc); warmstart transports into classifiers.")
 
 
-def calibration_pairs(batches: Iterable[dict], pl_module, source_name: str, count: int
+def calibration_pairs(batches: Iterable[dict], pl_module, source_name: str | None, count: int
                       ) -> tuple[list[Any], list[Any]]:
     """Source and target inputs for the first ``count`` batches (text re-tokenized per model)."""
-    tokenizer = tokenizer_for(source_name)
+    tokenizer = tokenizer_for(source_name) if source_name is not None else None
     source_inputs, target_inputs = [], []
     for batch in islice(batches, count):
         target_in = pl_module.model_inputs(batch)
@@ -151,15 +153,21 @@ def evaluate(pl_module, batches: Iterable[dict], max_batches: int | None = None)
 
 
 def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[dict],
-                  val_batches: Iterable[dict] | None, progress: bool = True) -> TransportReport:
-    """Transport into ``pl_module.<target_attribute>`` in place; returns the report."""
+                  val_batches: Iterable[dict] | None, progress: bool = True,
+                  source_module: nn.Module | None = None) -> TransportReport:
+    """Transport into ``pl_module.<target_attribute>`` in place; returns the report.
+
+    ``source_module`` (Python use) replaces building the source from ``config.source_pretrained``.
+    """
     target = target_module(pl_module, config.target_attribute)
-    source, finetuned = load_source(config, head_classes(target))
+    source, finetuned = load_source(config, head_classes(target), source_module)
     source.to(pl_module.device)
     calibration, target_calibration = (None, None)
     if config.method != "slice":
         calibration, target_calibration = calibration_pairs(
-            train_batches, pl_module, config.source_pretrained, config.calibration_batches)
+            train_batches, pl_module,
+            None if source_module is not None else config.source_pretrained,
+            config.calibration_batches)
     evaluate_fn = None
     if config.alpha == "auto":
         if val_batches is None:

@@ -1,0 +1,142 @@
+"""Run arms (cold, theseus, slice, head_only) x seeds from one fit config, then write the report.
+
+A compare config (YAML)::
+
+    fit_config: [configs/demo/target.yaml]   # LightningCLI fit config(s) of the target run
+    arms: [cold, theseus, slice, head_only]
+    seeds: [0, 1, 2]
+    source:                                  # the fine-tuned source
+      checkpoint: runs/demo/source.ckpt      # used when it exists ...
+      fit_config: [configs/demo/source.yaml] # ... otherwise made by this fit first
+    transport: {source_pretrained: efficientnet_lite0, calibration_batches: 8, alpha: 1.0}
+    tracker: {every_n_steps: 10, max_val_batches: 8}
+    out_dir: runs/demo/compare
+
+Every arm uses the same fit config and seed; only the transport differs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+ARMS = ("cold", "theseus", "slice", "head_only")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    fit_config: tuple[str, ...]
+    out_dir: str
+    transport: dict[str, Any]
+    arms: tuple[str, ...] = ARMS
+    seeds: tuple[int, ...] = (0,)
+    source: dict[str, Any] = field(default_factory=dict)
+    tracker: dict[str, Any] = field(default_factory=dict)
+    title: str = "warm start vs cold start"
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"compare config {path} does not exist.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: "
+                             f"{sorted(cls.__dataclass_fields__)}.")
+        for key in ("fit_config", "out_dir", "transport"):
+            if key not in raw:
+                raise ValueError(f"{path}: missing required key {key!r}.")
+        as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,)  # noqa: E731
+        config = cls(
+            fit_config=as_tuple(raw["fit_config"]), out_dir=str(raw["out_dir"]),
+            transport=dict(raw["transport"]), arms=as_tuple(raw.get("arms", ARMS)),
+            seeds=tuple(int(s) for s in as_tuple(raw.get("seeds", [0]))),
+            source=dict(raw.get("source") or {}), tracker=dict(raw.get("tracker") or {}),
+            title=str(raw.get("title", cls.title)), overrides=tuple(overrides or ()),
+        )
+        bad = [a for a in config.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"{path}: unknown arms {bad}; allowed: {list(ARMS)}.")
+        return config
+
+
+def _config_arg(config: str | dict) -> str:
+    # A dict is passed inline: LightningCLI's -c accepts a YAML string as well as a path.
+    return yaml.safe_dump(config) if isinstance(config, dict) else str(config)
+
+
+def _cli(fit_configs, extra_args: list[str]):
+    from .cli import WarmstartCLI
+
+    args = [a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args
+    return WarmstartCLI(args=args, run=False)
+
+
+def ensure_source(config: CompareConfig, console: Console) -> str:
+    """Path of the fine-tuned source checkpoint, training it first when it is missing."""
+    checkpoint = config.source.get("checkpoint") or config.transport.get("source_finetuned")
+    if not checkpoint:
+        raise ValueError("the compare config needs source.checkpoint (the fine-tuned source).")
+    if Path(checkpoint).exists():
+        return str(checkpoint)
+    fit_configs = config.source.get("fit_config")
+    if not fit_configs:
+        raise FileNotFoundError(f"source checkpoint {checkpoint} does not exist and the compare "
+                                "config gives no source.fit_config to make it.")
+    fit_configs = fit_configs if isinstance(fit_configs, list) else [fit_configs]
+    console.print(f"[bold]fine-tuning the source[/] ({', '.join(fit_configs)})")
+    root = Path(checkpoint).parent / "source_run"
+    cli = _cli(fit_configs, [*config.overrides, "--trainer.default_root_dir", str(root)])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    cli.trainer.save_checkpoint(checkpoint, weights_only=True)
+    return str(checkpoint)
+
+
+def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) -> Path:
+    """Fit one arm with one seed; returns its curve CSV."""
+    from .callbacks import ConvergenceTracker, TaskVectorTransport
+
+    run_dir = Path(config.out_dir) / "runs" / f"{arm}_seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cli = _cli(config.fit_config, [*config.overrides, "--seed_everything", str(seed),
+                                   "--trainer.default_root_dir", str(run_dir)])
+    curve = run_dir / "curve.csv"
+    callbacks = [ConvergenceTracker(path=str(curve), **config.tracker)]
+    if arm != "cold":
+        options = {**config.transport, "source_finetuned": source_checkpoint, "method": arm}
+        callbacks.insert(0, TaskVectorTransport(**options))
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return curve
+
+
+def run_compare(config: CompareConfig, console: Console | None = None, overwrite: bool = False):
+    """All arms x seeds, then the convergence report in ``out_dir``. Returns the summary."""
+    from .report import write_report
+    from .summary import load_runs
+
+    console = console or Console()
+    out = Path(config.out_dir)
+    if (out / "summary.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a report; pass --overwrite or choose another "
+                              "out_dir.")
+    source = ensure_source(config, console)
+    curves = {}
+    for seed in config.seeds:
+        for arm in config.arms:
+            console.print(f"[bold]arm {arm}[/], seed {seed}")
+            curves[(arm, seed)] = run_arm(config, arm, seed, source)
+    settings = {"fit_config": list(config.fit_config), "transport": config.transport,
+                "seeds": list(config.seeds), "arms": list(config.arms)}
+    reference = "cold" if "cold" in config.arms else config.arms[0]
+    return write_report(load_runs(curves), out, title=config.title, config=settings,
+                        overwrite=True, console=console, reference_arm=reference)

@@ -1,0 +1,428 @@
+"""LightningDataModules over Hugging Face ``datasets``: local files and the offline packaged data.
+
+Every module reads its whole source once, maps labels to ``0..C-1`` (sorted original values),
+carves a seeded validation split out of the training data and batches into dicts:
+images ``{"image": [B, 3, S, S] float32, "label": [B] int64}``; text ``{"input_ids",
+"attention_mask": [B, L] int64, "label": [B] int64, "text": list[str]}`` (the raw text stays so
+that a model with another tokenizer can re-tokenize the same examples).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets.fingerprint import Hasher
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from warmstart import assets
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def read_table(path: str | os.PathLike) -> datasets.Dataset:
+    """One CSV / TSV / parquet / JSON(L) file (optionally compressed) as a ``Dataset``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; check the path")
+    suffixes = [s for s in path.suffixes if s not in _COMPRESSED]
+    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise ValueError(
+            f"cannot read {str(path)!r}: unknown file type; use one of {', '.join(_BUILDERS)} "
+            f"(optionally compressed: {', '.join(_COMPRESSED)}) or an image folder"
+        )
+    kwargs = {"sep": "\t"} if suffixes[-1] == ".tsv" else {}
+    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def check_columns(ds: datasets.Dataset, source: str, **columns: str) -> None:
+    """``ValueError`` naming the argument and the column when ``ds`` lacks one of ``columns``."""
+    for argument, column in columns.items():
+        if column not in ds.column_names:
+            raise ValueError(
+                f"{argument}={column!r} is not a column of {source!r}; available columns: "
+                f"{', '.join(ds.column_names)}; pass {argument}=<one of them>"
+            )
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist5k() -> datasets.Dataset:
+    """The packaged 5,000 MNIST digits: ``image`` uint8 [28, 28], ``label`` 0..9."""
+    names = [f"pixel{i}" for i in range(784)] + ["label"]
+    raw = datasets.load_dataset(
+        "csv", data_files=str(assets.mnist5k_csv()), column_names=names, split="train"
+    )
+    table = raw.data.table
+    pixels = np.stack([table.column(n).to_numpy() for n in names[:-1]], axis=1)
+    features = datasets.Features(
+        image=datasets.Array2D((28, 28), "uint8"), label=datasets.Value("int64")
+    )
+    data = {"image": pixels.astype(np.uint8).reshape(-1, 28, 28),
+            "label": table.column("label").to_numpy()}
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+@functools.lru_cache(maxsize=1)
+def load_rotten_tomatoes() -> datasets.Dataset:
+    """The packaged Rotten Tomatoes snippets: ``text``, ``label`` (fresh=1, rotten=0); plot
+    sentences are dropped (12,808 rows: 7,403 fresh, 5,405 rotten)."""
+    raw = datasets.load_dataset("csv", data_files=str(assets.rotten_tomatoes_csv()), split="train")
+    reviews = raw.filter(
+        lambda b: [c in ("fresh", "rotten") for c in b["category"]],
+        batched=True, keep_in_memory=True,
+    )
+    return reviews.map(
+        lambda b: {"label": [int(c == "fresh") for c in b["category"]]},
+        batched=True, keep_in_memory=True,
+    ).select_columns(["text", "label"])
+
+
+def _rename(ds: datasets.Dataset, source: str, **columns: str) -> datasets.Dataset:
+    """Keep ``columns`` (``image_column="img"`` ...) renamed to their role (``image`` ...)."""
+    check_columns(ds, source, **columns)
+    ds = ds.select_columns(list(columns.values()))
+    return ds.rename_columns({c: a.removesuffix("_column") for a, c in columns.items()
+                              if c != a.removesuffix("_column")})
+
+
+def _limit(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+
+class _SplitData(lightning.LightningDataModule):
+    """Shared source reading, label indexing, seeded train/val split and loaders.
+
+    ``_read`` returns datasets whose columns are already renamed to ``image`` / ``text`` and
+    ``label``, so everything after it uses those names.
+    """
+
+    def __init__(self, source: str, batch_size: int, val_size: float | int,
+                 train_limit: int | None, val_limit: int | None, test_source: str | None,
+                 num_workers: int, seed: int) -> None:
+        super().__init__()
+        _check_split_args(batch_size, val_size, train_limit, val_limit, num_workers)
+        self.source, self.test_source = source, test_source
+        self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
+        self.train_limit, self.val_limit, self.num_workers = train_limit, val_limit, num_workers
+        self._corpus: tuple[datasets.Dataset, datasets.Dataset | None] | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+        self.classes: list[Any] = []
+
+    def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """(training corpus, test split found inside ``source`` or None); columns checked."""
+        raise NotImplementedError
+
+    def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """Make one split ready for the DataLoader (formatting, tokenization)."""
+        return ds
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def corpus(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """The whole training corpus and the test split (if any), read once."""
+        if self._corpus is None:
+            train, test = self._read(self.source)
+            if self.test_source is not None:
+                test = self._read(self.test_source)[0]
+            values = train.unique("label")
+            if any(v is None for v in values):
+                raise ValueError(
+                    f"the label column of {self.source!r} has empty values; "
+                    "drop those rows or fill them in"
+                )
+            self.classes = sorted(values)
+            if test is not None:
+                unseen = set(test.unique("label")) - set(self.classes)
+                if unseen:
+                    raise ValueError(
+                        f"the test split has labels {sorted(unseen, key=str)} that the training "
+                        f"data of {self.source!r} lacks (known: {self.classes})"
+                    )
+            self._corpus = (train, test)
+        return self._corpus
+
+    @property
+    def num_classes(self) -> int:
+        self.corpus()
+        return len(self.classes)
+
+    @property
+    def label_index(self) -> dict[Any, int]:
+        self.corpus()
+        return {value: i for i, value in enumerate(self.classes)}
+
+    def prepare_data(self) -> None:
+        # Local files only: reading once here fills the `datasets` cache before ranks start.
+        self._read(self.source)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        train, test = self.corpus()
+        n_val = self.val_size
+        if isinstance(n_val, float):
+            n_val = round(n_val * len(train))
+        if not 1 <= n_val < len(train):
+            raise ValueError(
+                f"val_size={self.val_size} gives {n_val} validation rows out of {len(train)}; "
+                "pass a fraction in (0, 1) or a row count between 1 and the corpus size - 1"
+            )
+        parts = train.train_test_split(test_size=n_val, seed=self.seed, keep_in_memory=True)
+        train, val = _limit(parts["train"], self.train_limit), _limit(parts["test"], self.val_limit)
+        self._splits = {"train": self._finish(train), "val": self._finish(val)}
+        self._splits["test"] = self._splits["val"] if test is None else self._finish(test)
+
+    def split(self, name: str) -> datasets.Dataset:
+        """The prepared ``"train"`` / ``"val"`` / ``"test"`` split (calls ``setup`` if needed)."""
+        self.setup()
+        return self._splits[name]
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.split(name), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+            collate_fn=self.collate, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _check_split_args(batch_size: int, val_size: float | int, train_limit: int | None,
+                      val_limit: int | None, num_workers: int) -> None:
+    checks = [
+        (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
+        (isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float)
+         and 0 < val_size < 1,
+         f"val_size={val_size!r} must be a fraction in (0, 1) or a row count >= 1"),
+        (train_limit is None or train_limit >= 1,
+         f"train_limit={train_limit} must be >= 1 or None"),
+        (val_limit is None or val_limit >= 1, f"val_limit={val_limit} must be >= 1 or None"),
+        (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _unknown_source(source: str, packaged: str) -> ValueError:
+    return ValueError(
+        f"source={source!r} is neither the packaged {packaged!r} nor an existing file or folder; "
+        f"pass {packaged!r}, a path to a {'/'.join(_BUILDERS)} file, or a folder"
+    )
+
+
+def _image_paths(ds: datasets.Dataset, column: str, root: Path) -> datasets.Dataset:
+    """Cast a column of image paths (relative to ``root``) to ``datasets.Image``."""
+    if isinstance(ds.features[column], datasets.Image):
+        return ds
+    if ds.features[column] != datasets.Value("string"):
+        raise ValueError(
+            f"image_column={column!r} holds {ds.features[column]}, expected image file paths"
+        )
+    paths = [str(root / p) for p in ds[column]]  # absolute paths stay absolute
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image files named in column {column!r} do not exist, e.g. "
+            f"{missing[0]!r}; relative paths are read from {str(root)!r}"
+        )
+    ds = ds.remove_columns(column).add_column(column, paths)
+    return ds.cast_column(column, datasets.Image())
+
+
+class ImageCollate:
+    """Examples with ``image`` (PIL image or [H, W] / [C, H, W] array) -> a normalized batch.
+
+    Grayscale images are repeated to 3 channels, every image is resized (bilinear, antialiased) to
+    ``image_size`` square, scaled to [0, 1] and normalized with ``mean`` / ``std``.
+    """
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 label_index: dict[Any, int]) -> None:
+        self.size = image_size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.label_index = label_index
+
+    def _pixels(self, image: Any) -> Tensor:
+        if hasattr(image, "convert"):  # PIL: palette / RGBA / L all become RGB
+            image = np.asarray(image.convert("RGB"))
+            return torch.from_numpy(image).permute(2, 0, 1)
+        pixels = torch.as_tensor(image)
+        return pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        images = [self._pixels(e["image"]).float() / 255.0 for e in examples]
+        if all(im.shape == images[0].shape for im in images):
+            images = [torch.stack(images)]  # one resize for the whole batch
+        else:
+            images = [im.unsqueeze(0) for im in images]
+        resized = torch.cat([F.interpolate(im, size=(self.size, self.size), mode="bilinear",
+                                           align_corners=False, antialias=True) for im in images])
+        labels = [self.label_index[_scalar(e["label"])] for e in examples]
+        return {"image": (resized - self.mean) / self.std, "label": torch.tensor(labels)}
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, Tensor | np.ndarray) else value
+
+
+class ImageClassificationData(_SplitData):
+    """Image classification batches ``{"image": [B, 3, S, S], "label": [B]}``.
+
+    ``source``: ``"mnist5k"`` (packaged, 5,000 digits), an image folder (``<class>/<file>``, or
+    ``train/<class>/...`` plus ``test/`` or ``validation/`` for a test split), or a CSV / parquet /
+    JSON file whose ``image_column`` holds image paths (relative to the file) or images.
+    ``test_source`` (same kinds) gives a separate test split; else testing uses validation.
+    """
+
+    def __init__(self, source: str = "mnist5k", image_size: int = 64, batch_size: int = 64,
+                 val_size: float | int = 0.2, train_limit: int | None = None,
+                 val_limit: int | None = None, num_workers: int = 0, seed: int = 0,
+                 image_column: str = "image", label_column: str = "label",
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD,
+                 test_source: str | None = None) -> None:
+        super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
+                         num_workers, seed)
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+        self.save_hyperparameters()
+        self.image_size, self.image_column = image_size, image_column
+        self.label_column = label_column
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        path, test = Path(source).expanduser(), None
+        if source == "mnist5k":
+            ds = load_mnist5k()
+        elif path.is_dir():
+            found = datasets.load_dataset("imagefolder", data_dir=str(path))
+            ds = found["train"]
+            test = found.get("test", found.get("validation"))
+        elif path.is_file():
+            ds = read_table(path)
+            check_columns(ds, source, image_column=self.image_column)
+            ds = _image_paths(ds, self.image_column, path.parent)
+        else:
+            raise _unknown_source(source, "mnist5k")
+        return _rename(ds, source, image_column=self.image_column,
+                       label_column=self.label_column), test
+
+    def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
+        if isinstance(ds.features["image"], datasets.Array2D | datasets.Array3D):
+            return ds.with_format("numpy")  # arrays without Python lists
+        return ds
+
+    @functools.cached_property
+    def collate(self) -> ImageCollate:
+        return ImageCollate(self.image_size, self.mean, self.std, self.label_index)
+
+
+class TextCollate:
+    """Tokenized examples -> dynamically padded ``input_ids`` / ``attention_mask`` [B, L] (to
+    the longest example), ``label`` [B] and the raw ``text`` list."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            cols = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            ids[row, cols] = torch.as_tensor(example["input_ids"])
+            mask[row, cols] = 1
+        labels = torch.tensor([e["label"] for e in examples])
+        return {"input_ids": ids, "attention_mask": mask, "label": labels,
+                "text": [e["text"] for e in examples]}
+
+
+class TextClassificationData(_SplitData):
+    """Text classification batches ``{"input_ids", "attention_mask", "label", "text"}``.
+
+    ``source``: ``"rotten_tomatoes"`` (packaged: fresh=1 / rotten=0, 12,808 snippets) or a
+    CSV / parquet / JSON file with ``text_column`` and ``label_column``. ``tokenizer``:
+    ``"minilm"`` / ``"mpnet"`` or a Hugging Face folder; texts are truncated to ``max_length``.
+    """
+
+    def __init__(self, source: str = "rotten_tomatoes", tokenizer: str = "minilm",
+                 max_length: int = 64, batch_size: int = 32, val_size: float | int = 0.2,
+                 train_limit: int | None = None, val_limit: int | None = None,
+                 num_workers: int = 0, seed: int = 0, text_column: str = "text",
+                 label_column: str = "label", test_source: str | None = None) -> None:
+        super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
+                         num_workers, seed)
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be >= 2 (room for special tokens)")
+        self.save_hyperparameters()
+        self.tokenizer_name, self.max_length = tokenizer, max_length
+        self.text_column, self.label_column = text_column, label_column
+
+    def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        if source == "rotten_tomatoes":
+            ds = _rename(load_rotten_tomatoes(), source, text_column="text", label_column="label")
+        elif Path(source).expanduser().is_file():
+            ds = _rename(read_table(source), source, text_column=self.text_column,
+                         label_column=self.label_column)
+        else:
+            raise _unknown_source(source, "rotten_tomatoes")
+        empty = ds.filter(lambda b: [t is None for t in b["text"]], batched=True,
+                          keep_in_memory=True)
+        if len(empty):
+            warnings.warn(f"dropping {len(empty)} rows of {source!r} without text", stacklevel=2)
+            ds = ds.filter(lambda b: [t is not None for t in b["text"]], batched=True,
+                           keep_in_memory=True)
+        return ds, None
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from warmstart.models import tokenizer_for
+
+        tokenizer = tokenizer_for(self.tokenizer_name)
+        if tokenizer is None:
+            raise ValueError(
+                f"tokenizer={self.tokenizer_name!r} is a vision backbone; pass 'minilm', 'mpnet' "
+                "or a Hugging Face model folder with a tokenizer"
+            )
+        return tokenizer
+
+    def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
+        tokenizer, index = self.tokenizer, self.label_index
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            tokens = tokenizer(batch["text"], truncation=True, max_length=self.max_length,
+                               return_token_type_ids=False, return_attention_mask=False)
+            return {"input_ids": tokens["input_ids"], "label": [index[v] for v in batch["label"]]}
+
+        stamp = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer),
+                             self.max_length, sorted(index.items(), key=str)))
+        return ds.map(encode, batched=True, keep_in_memory=True, new_fingerprint=stamp)
+
+    @functools.cached_property
+    def collate(self) -> TextCollate:
+        return TextCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
