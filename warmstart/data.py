@@ -98,10 +98,6 @@ def _rename(ds: datasets.Dataset, source: str, **columns: str) -> datasets.Datas
                               if c != a.removesuffix("_column")})
 
 
-def _limit(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return ds if limit is None else ds.select(range(min(limit, len(ds))))
-
-
 class _SplitData(lightning.LightningDataModule):
     """Shared source reading, label indexing, seeded train/val split and loaders.
 
@@ -181,9 +177,12 @@ class _SplitData(lightning.LightningDataModule):
                 f"val_size={self.val_size} gives {n_val} validation rows out of {len(train)}; "
                 "pass a fraction in (0, 1) or a row count between 1 and the corpus size - 1"
             )
-        parts = train.train_test_split(test_size=n_val, seed=self.seed, keep_in_memory=True)
-        train, val = _limit(parts["train"], self.train_limit), _limit(parts["test"], self.val_limit)
-        self._splits = {"train": self._finish(train), "val": self._finish(val)}
+        # the permutation of `Dataset.train_test_split`, without its on-disk index cache files
+        order = np.random.default_rng(self.seed).permutation(len(train))
+        val_rows = order[:n_val][: self.val_limit]
+        train_rows = order[n_val:][: self.train_limit]
+        self._splits = {"train": self._finish(train.select(train_rows)),
+                        "val": self._finish(train.select(val_rows))}
         self._splits["test"] = self._splits["val"] if test is None else self._finish(test)
 
     def split(self, name: str) -> datasets.Dataset:
@@ -391,10 +390,9 @@ class TextClassificationData(_SplitData):
                          label_column=self.label_column)
         else:
             raise _unknown_source(source, "rotten_tomatoes")
-        empty = ds.filter(lambda b: [t is None for t in b["text"]], batched=True,
-                          keep_in_memory=True)
-        if len(empty):
-            warnings.warn(f"dropping {len(empty)} rows of {source!r} without text", stacklevel=2)
+        empty = sum(text is None for text in ds["text"])
+        if empty:
+            warnings.warn(f"dropping {empty} rows of {source!r} without text", stacklevel=2)
             ds = ds.filter(lambda b: [t is not None for t in b["text"]], batched=True,
                            keep_in_memory=True)
         return ds, None

@@ -1,0 +1,85 @@
+"""The `warmstart` command: every shipped config parses, every user error is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warmstart.cli import main
+from warmstart.compare import CompareConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("compare"))
+COMPARE_CONFIGS = [*sorted((ROOT / "configs").glob("compare*.yaml")),
+                   ROOT / "warmstart" / "configs" / "demo.yaml"]
+
+
+def test_every_config_opens_with_purpose_command_and_override():
+    for path in [*FIT_CONFIGS, *COMPARE_CONFIGS, *sorted((ROOT / "callbacks").glob("*.yaml"))]:
+        header = path.read_text().split("\n")[:6]
+        assert header[0].startswith("# "), path
+        assert any("warmstart " in line for line in header), f"{path}: no command in header"
+        assert any("Override" in line for line in header), path
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.name)
+def test_fit_configs_parse_with_lightning_cli(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config", "-c", str(config)])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "warmstart.models.Classifier"
+
+
+@pytest.mark.parametrize("fragment", ["transport.yaml", "convergence.yaml"])
+def test_callback_fragments_compose_with_any_fit_config(fragment, capsys):
+    args = ["fit", "--print_config", "-c", str(ROOT / "configs" / "demo_target.yaml"),
+            "-c", str(ROOT / "callbacks" / "transport.yaml"),
+            "-c", str(ROOT / "callbacks" / "convergence.yaml")]
+    with pytest.raises(SystemExit):
+        main(args)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["transport"]["source_pretrained"] == "efficientnet_lite0"
+    assert printed["convergence"]["every_n_steps"] == 10
+
+
+@pytest.mark.parametrize("config", COMPARE_CONFIGS, ids=lambda p: p.name)
+def test_compare_configs_load(config):
+    loaded = CompareConfig.from_yaml(config)
+    assert loaded.arms == ("cold", "theseus", "slice", "head_only")
+    assert loaded.fit_config and loaded.transport["source_pretrained"]
+
+
+def test_compare_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="compare config .* does not exist"):
+        CompareConfig.from_yaml(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fit_config: [a.yaml]\nout_dir: x\ntransport: {}\narms: [cold, magic]\n")
+    with pytest.raises(ValueError, match=r"unknown arms \['magic'\]"):
+        CompareConfig.from_yaml(bad)
+    bad.write_text("fit_config: [a.yaml]\nout_dir: x\n")
+    with pytest.raises(ValueError, match="missing required key 'transport'"):
+        CompareConfig.from_yaml(bad)
+    bad.write_text("fit_config: [a.yaml]\nout_dir: x\ntransport: {}\nsteps: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['steps'\]"):
+        CompareConfig.from_yaml(bad)
+
+
+def test_user_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
+    assert main(["compare", "-c", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warmstart: error: compare config") and "Traceback" not in err
+    out = tmp_path / "t.safetensors"
+    out.write_text("")
+    assert main(["transport", "--source_pretrained", "minilm", "--source_finetuned", "x",
+                 "--target", "mpnet", "--num_classes", "2", "--out", str(out)]) == 2
+    assert "exists already; pass --overwrite" in capsys.readouterr().err
+
+
+def test_unknown_option_is_refused_by_lightning_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs" / "demo_target.yaml"), "--trainer.max_stepz=3"])
+    assert exit_info.value.code != 0
+    assert "max_stepz" in capsys.readouterr().err
