@@ -35,10 +35,22 @@ def _lightning_cli():
         def add_arguments_to_parser(self, parser) -> None:
             # Optional top-level sections, so `-c callbacks/transport.yaml` and
             # `-c callbacks/convergence.yaml` compose instead of replacing trainer.callbacks.
+            from typing import Optional
+
             from .callbacks import ConvergenceTracker, TaskVectorTransport
 
-            parser.add_lightning_class_args(TaskVectorTransport, "transport", required=False)
-            parser.add_lightning_class_args(ConvergenceTracker, "convergence", required=False)
+            parser.add_argument("--transport", type=Optional[TaskVectorTransport], default=None,
+                                help="warm-start the model at fit start (callbacks/transport.yaml)")
+            parser.add_argument("--convergence", type=Optional[ConvergenceTracker], default=None,
+                                help="record convergence curves (callbacks/convergence.yaml)")
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            for key in ("transport", "convergence"):
+                if config.get(key) is not None:
+                    trainer.callbacks.append(config[key])
+            return trainer
 
     return WarmstartCLI
 

@@ -91,7 +91,7 @@ def ensure_source(config: CompareConfig, console: Console) -> str:
         raise FileNotFoundError(f"source checkpoint {checkpoint} does not exist and the compare "
                                 "config gives no source.fit_config to make it.")
     fit_configs = fit_configs if isinstance(fit_configs, list) else [fit_configs]
-    console.print(f"[bold]fine-tuning the source[/] ({', '.join(fit_configs)})")
+    console.print(f"[bold]fine-tuning the source[/] -> {checkpoint}")
     root = Path(checkpoint).parent / "source_run"
     cli = _cli(fit_configs, [*config.overrides, "--trainer.default_root_dir", str(root)])
     cli.trainer.fit(cli.model, cli.datamodule)

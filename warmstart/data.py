@@ -419,7 +419,8 @@ class TextClassificationData(_SplitData):
 
         stamp = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer),
                              self.max_length, sorted(index.items(), key=str)))
-        return ds.map(encode, batched=True, keep_in_memory=True, new_fingerprint=stamp)
+        return ds.map(encode, batched=True, keep_in_memory=True, new_fingerprint=stamp,
+                      remove_columns=["label"])  # a fresh int64 column, whatever the source type
 
     @functools.cached_property
     def collate(self) -> TextCollate:
