@@ -419,8 +419,11 @@ class TextClassificationData(_SplitData):
 
         stamp = Hasher.hash((ds._fingerprint, tokenizer.name_or_path, len(tokenizer),
                              self.max_length, sorted(index.items(), key=str)))
+        features = ds.features.copy()  # explicit: `map` would keep a string label column's type
+        features["label"] = datasets.Value("int64")
+        features["input_ids"] = datasets.Sequence(datasets.Value("int32"))
         return ds.map(encode, batched=True, keep_in_memory=True, new_fingerprint=stamp,
-                      remove_columns=["label"])  # a fresh int64 column, whatever the source type
+                      features=features)
 
     @functools.cached_property
     def collate(self) -> TextCollate:
