@@ -41,8 +41,8 @@ def test_callback_fragments_compose_with_any_fit_config(fragment, capsys):
     with pytest.raises(SystemExit):
         main(args)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["transport"]["source_pretrained"] == "efficientnet_lite0"
-    assert printed["convergence"]["every_n_steps"] == 10
+    assert printed["transport"]["init_args"]["source_pretrained"] == "efficientnet_lite0"
+    assert printed["convergence"]["init_args"]["every_n_steps"] == 10
 
 
 @pytest.mark.parametrize("config", COMPARE_CONFIGS, ids=lambda p: p.name)

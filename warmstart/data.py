@@ -40,10 +40,8 @@ def read_table(path: str | os.PathLike) -> datasets.Dataset:
     suffixes = [s for s in path.suffixes if s not in _COMPRESSED]
     builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
     if builder is None:
-        raise ValueError(
-            f"cannot read {str(path)!r}: unknown file type; use one of {', '.join(_BUILDERS)} "
-            f"(optionally compressed: {', '.join(_COMPRESSED)}) or an image folder"
-        )
+        raise ValueError(f"cannot read {str(path)!r}: unknown file type; use one of "
+                         f"{', '.join(_BUILDERS)} (optionally {', '.join(_COMPRESSED)})")
     kwargs = {"sep": "\t"} if suffixes[-1] == ".tsv" else {}
     return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
 
@@ -52,24 +50,19 @@ def check_columns(ds: datasets.Dataset, source: str, **columns: str) -> None:
     """``ValueError`` naming the argument and the column when ``ds`` lacks one of ``columns``."""
     for argument, column in columns.items():
         if column not in ds.column_names:
-            raise ValueError(
-                f"{argument}={column!r} is not a column of {source!r}; available columns: "
-                f"{', '.join(ds.column_names)}; pass {argument}=<one of them>"
-            )
+            raise ValueError(f"{argument}={column!r} is not a column of {source!r}; available "
+                             f"columns: {', '.join(ds.column_names)}; pass one of them")
 
 
 @functools.lru_cache(maxsize=1)
 def load_mnist5k() -> datasets.Dataset:
     """The packaged 5,000 MNIST digits: ``image`` uint8 [28, 28], ``label`` 0..9."""
     names = [f"pixel{i}" for i in range(784)] + ["label"]
-    raw = datasets.load_dataset(
-        "csv", data_files=str(assets.mnist5k_csv()), column_names=names, split="train"
-    )
-    table = raw.data.table
-    pixels = np.stack([table.column(n).to_numpy() for n in names[:-1]], axis=1)
-    features = datasets.Features(
-        image=datasets.Array2D((28, 28), "uint8"), label=datasets.Value("int64")
-    )
+    csv = str(assets.mnist5k_csv())
+    table = datasets.load_dataset("csv", data_files=csv, column_names=names, split="train").data
+    pixels = np.stack([table.column(n).to_numpy() for n in names[:-1]], axis=1)  # [N, 784]
+    features = datasets.Features(image=datasets.Array2D((28, 28), "uint8"),
+                                 label=datasets.Value("int64"))
     data = {"image": pixels.astype(np.uint8).reshape(-1, 28, 28),
             "label": table.column("label").to_numpy()}
     return datasets.Dataset.from_dict(data, features=features)
@@ -80,14 +73,10 @@ def load_rotten_tomatoes() -> datasets.Dataset:
     """The packaged Rotten Tomatoes snippets: ``text``, ``label`` (fresh=1, rotten=0); plot
     sentences are dropped (12,808 rows: 7,403 fresh, 5,405 rotten)."""
     raw = datasets.load_dataset("csv", data_files=str(assets.rotten_tomatoes_csv()), split="train")
-    reviews = raw.filter(
-        lambda b: [c in ("fresh", "rotten") for c in b["category"]],
-        batched=True, keep_in_memory=True,
-    )
-    return reviews.map(
-        lambda b: {"label": [int(c == "fresh") for c in b["category"]]},
-        batched=True, keep_in_memory=True,
-    ).select_columns(["text", "label"])
+    reviews = raw.filter(lambda b: [c in ("fresh", "rotten") for c in b["category"]],
+                         batched=True, keep_in_memory=True)
+    return reviews.map(lambda b: {"label": [int(c == "fresh") for c in b["category"]]},
+                       batched=True, keep_in_memory=True).select_columns(["text", "label"])
 
 
 def _rename(ds: datasets.Dataset, source: str, **columns: str) -> datasets.Dataset:
@@ -99,34 +88,29 @@ def _rename(ds: datasets.Dataset, source: str, **columns: str) -> datasets.Datas
 
 
 class _SplitData(lightning.LightningDataModule):
-    """Shared source reading, label indexing, seeded train/val split and loaders.
-
-    ``_read`` returns datasets whose columns are already renamed to ``image`` / ``text`` and
-    ``label``, so everything after it uses those names.
-    """
+    """Shared source reading, label indexing, seeded train/val split and loaders."""
 
     def __init__(self, source: str, batch_size: int, val_size: float | int,
                  train_limit: int | None, val_limit: int | None, test_source: str | None,
                  num_workers: int, seed: int) -> None:
         super().__init__()
-        _check_split_args(batch_size, val_size, train_limit, val_limit, num_workers)
+        _require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
+        _require(isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float)
+                 and 0 < val_size < 1,
+                 f"val_size={val_size!r} must be a fraction in (0, 1) or a row count >= 1")
+        for name, limit in (("train_limit", train_limit), ("val_limit", val_limit)):
+            _require(limit is None or limit >= 1, f"{name}={limit} must be >= 1 or None")
+        _require(num_workers >= 0, f"num_workers={num_workers} must be >= 0")
         self.source, self.test_source = source, test_source
         self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
         self.train_limit, self.val_limit, self.num_workers = train_limit, val_limit, num_workers
         self._corpus: tuple[datasets.Dataset, datasets.Dataset | None] | None = None
         self._splits: dict[str, datasets.Dataset] | None = None
-        self.classes: list[Any] = []
+        self._classes: list[Any] = []
 
-    def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-        """(training corpus, test split found inside ``source`` or None); columns checked."""
-        raise NotImplementedError
-
-    def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
-        """Make one split ready for the DataLoader (formatting, tokenization)."""
-        return ds
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        raise NotImplementedError
+    # subclasses: `_read(source) -> (corpus, test split in source or None)` with renamed columns,
+    # `_finish(split) -> split` ready for the DataLoader, and a `collate` callable
+    collate: Any
 
     def corpus(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """The whole training corpus and the test split (if any), read once."""
@@ -134,32 +118,28 @@ class _SplitData(lightning.LightningDataModule):
             train, test = self._read(self.source)
             if self.test_source is not None:
                 test = self._read(self.test_source)[0]
-            values = train.unique("label")
-            if any(v is None for v in values):
-                raise ValueError(
-                    f"the label column of {self.source!r} has empty values; "
-                    "drop those rows or fill them in"
-                )
-            self.classes = sorted(values)
-            if test is not None:
-                unseen = set(test.unique("label")) - set(self.classes)
-                if unseen:
-                    raise ValueError(
-                        f"the test split has labels {sorted(unseen, key=str)} that the training "
-                        f"data of {self.source!r} lacks (known: {self.classes})"
-                    )
-            self._corpus = (train, test)
+            self._classes = _classes(train, self.source)
+            self._corpus = (train, None if test is None else _align(test, self._classes))
         return self._corpus
 
     @property
-    def num_classes(self) -> int:
+    def classes(self) -> list[Any]:
+        """The sorted original label values; class ``i`` is ``classes[i]``."""
         self.corpus()
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
         return len(self.classes)
 
     @property
     def label_index(self) -> dict[Any, int]:
-        self.corpus()
-        return {value: i for i, value in enumerate(self.classes)}
+        """Label value -> class index; ``ClassLabel`` data (image folders) also map int -> int."""
+        train = self.corpus()[0]
+        index = {value: i for i, value in enumerate(self.classes)}
+        if isinstance(train.features["label"], datasets.ClassLabel):
+            index.update({i: i for i in range(len(self.classes))})
+        return index
 
     def prepare_data(self) -> None:
         # Local files only: reading once here fills the `datasets` cache before ranks start.
@@ -173,16 +153,12 @@ class _SplitData(lightning.LightningDataModule):
         if isinstance(n_val, float):
             n_val = round(n_val * len(train))
         if not 1 <= n_val < len(train):
-            raise ValueError(
-                f"val_size={self.val_size} gives {n_val} validation rows out of {len(train)}; "
-                "pass a fraction in (0, 1) or a row count between 1 and the corpus size - 1"
-            )
+            raise ValueError(f"val_size={self.val_size} gives {n_val} validation rows out of "
+                             f"{len(train)}; pass a fraction in (0, 1) or a count in [1, N - 1]")
         # the permutation of `Dataset.train_test_split`, without its on-disk index cache files
         order = np.random.default_rng(self.seed).permutation(len(train))
-        val_rows = order[:n_val][: self.val_limit]
-        train_rows = order[n_val:][: self.train_limit]
-        self._splits = {"train": self._finish(train.select(train_rows)),
-                        "val": self._finish(train.select(val_rows))}
+        self._splits = {"train": self._finish(train.select(order[n_val:][: self.train_limit])),
+                        "val": self._finish(train.select(order[:n_val][: self.val_limit]))}
         self._splits["test"] = self._splits["val"] if test is None else self._finish(test)
 
     def split(self, name: str) -> datasets.Dataset:
@@ -192,11 +168,9 @@ class _SplitData(lightning.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.split(name), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-            collate_fn=self.collate, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=generator, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -208,45 +182,50 @@ class _SplitData(lightning.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def _check_split_args(batch_size: int, val_size: float | int, train_limit: int | None,
-                      val_limit: int | None, num_workers: int) -> None:
-    checks = [
-        (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
-        (isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float)
-         and 0 < val_size < 1,
-         f"val_size={val_size!r} must be a fraction in (0, 1) or a row count >= 1"),
-        (train_limit is None or train_limit >= 1,
-         f"train_limit={train_limit} must be >= 1 or None"),
-        (val_limit is None or val_limit >= 1, f"val_limit={val_limit} must be >= 1 or None"),
-        (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+def _classes(ds: datasets.Dataset, source: str) -> list[Any]:
+    """Sorted label values (``ClassLabel``: its names, already sorted by the folder loader)."""
+    if isinstance(ds.features["label"], datasets.ClassLabel):
+        return list(ds.features["label"].names)
+    values = ds.unique("label")
+    if None in values:
+        raise ValueError(f"the label column of {source!r} has empty values; drop or fill them")
+    return sorted(values)
+
+
+def _align(test: datasets.Dataset, classes: list[Any]) -> datasets.Dataset:
+    """Check that the test labels are known and give ``ClassLabel`` ints the training order."""
+    feature = test.features["label"]
+    is_class_label = isinstance(feature, datasets.ClassLabel)
+    unseen = set(feature.names if is_class_label else test.unique("label")) - set(classes)
+    if unseen:
+        raise ValueError(f"the test split has labels {sorted(unseen, key=str)} that the "
+                         f"training data lacks (known: {classes})")
+    if is_class_label and feature.names != classes:
+        test = test.align_labels_with_mapping({c: i for i, c in enumerate(classes)}, "label")
+    return test
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 def _unknown_source(source: str, packaged: str) -> ValueError:
-    return ValueError(
-        f"source={source!r} is neither the packaged {packaged!r} nor an existing file or folder; "
-        f"pass {packaged!r}, a path to a {'/'.join(_BUILDERS)} file, or a folder"
-    )
+    return ValueError(f"source={source!r} is neither the packaged {packaged!r} nor an existing "
+                      f"file or folder; pass {packaged!r} or a path to a data file or folder")
 
 
 def _image_paths(ds: datasets.Dataset, column: str, root: Path) -> datasets.Dataset:
     """Cast a column of image paths (relative to ``root``) to ``datasets.Image``."""
     if isinstance(ds.features[column], datasets.Image):
         return ds
-    if ds.features[column] != datasets.Value("string"):
-        raise ValueError(
-            f"image_column={column!r} holds {ds.features[column]}, expected image file paths"
-        )
+    if getattr(ds.features[column], "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"image_column={column!r} holds {ds.features[column]}, not image paths")
     paths = [str(root / p) for p in ds[column]]  # absolute paths stay absolute
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} image files named in column {column!r} do not exist, e.g. "
-            f"{missing[0]!r}; relative paths are read from {str(root)!r}"
-        )
+        raise FileNotFoundError(f"{len(missing)} image files named in column {column!r} do "
+                                f"not exist, e.g. {missing[0]!r}; paths start at {str(root)!r}")
     ds = ds.remove_columns(column).add_column(column, paths)
     return ds.cast_column(column, datasets.Image())
 
@@ -267,25 +246,19 @@ class ImageCollate:
 
     def _pixels(self, image: Any) -> Tensor:
         if hasattr(image, "convert"):  # PIL: palette / RGBA / L all become RGB
-            image = np.asarray(image.convert("RGB"))
+            image = np.array(image.convert("RGB"))  # a writable copy for torch
             return torch.from_numpy(image).permute(2, 0, 1)
         pixels = torch.as_tensor(image)
         return pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         images = [self._pixels(e["image"]).float() / 255.0 for e in examples]
-        if all(im.shape == images[0].shape for im in images):
-            images = [torch.stack(images)]  # one resize for the whole batch
-        else:
-            images = [im.unsqueeze(0) for im in images]
+        same = all(im.shape == images[0].shape for im in images)
+        images = [torch.stack(images)] if same else [im.unsqueeze(0) for im in images]
         resized = torch.cat([F.interpolate(im, size=(self.size, self.size), mode="bilinear",
                                            align_corners=False, antialias=True) for im in images])
-        labels = [self.label_index[_scalar(e["label"])] for e in examples]
+        labels = [self.label_index[e["label"]] for e in examples]  # np.int64 keys hash as int
         return {"image": (resized - self.mean) / self.std, "label": torch.tensor(labels)}
-
-
-def _scalar(value: Any) -> Any:
-    return value.item() if isinstance(value, Tensor | np.ndarray) else value
 
 
 class ImageClassificationData(_SplitData):
@@ -306,8 +279,7 @@ class ImageClassificationData(_SplitData):
                  test_source: str | None = None) -> None:
         super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
                          num_workers, seed)
-        if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+        _require(image_size >= 1, f"image_size={image_size} must be a positive number of pixels")
         self.save_hyperparameters()
         self.image_size, self.image_column = image_size, image_column
         self.label_column = label_column
@@ -319,16 +291,16 @@ class ImageClassificationData(_SplitData):
             ds = load_mnist5k()
         elif path.is_dir():
             found = datasets.load_dataset("imagefolder", data_dir=str(path))
-            ds = found["train"]
-            test = found.get("test", found.get("validation"))
+            ds, test = found["train"], found.get("test", found.get("validation"))
         elif path.is_file():
             ds = read_table(path)
             check_columns(ds, source, image_column=self.image_column)
             ds = _image_paths(ds, self.image_column, path.parent)
         else:
             raise _unknown_source(source, "mnist5k")
-        return _rename(ds, source, image_column=self.image_column,
-                       label_column=self.label_column), test
+        columns = {"image_column": self.image_column, "label_column": self.label_column}
+        test = None if test is None else _rename(test, source, **columns)
+        return _rename(ds, source, **columns), test
 
     def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
         if isinstance(ds.features["image"], datasets.Array2D | datasets.Array3D):
@@ -376,15 +348,14 @@ class TextClassificationData(_SplitData):
                  label_column: str = "label", test_source: str | None = None) -> None:
         super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
                          num_workers, seed)
-        if max_length < 2:
-            raise ValueError(f"max_length={max_length} must be >= 2 (room for special tokens)")
+        _require(max_length >= 2, f"max_length={max_length} must be >= 2 (special tokens)")
         self.save_hyperparameters()
         self.tokenizer_name, self.max_length = tokenizer, max_length
         self.text_column, self.label_column = text_column, label_column
 
     def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         if source == "rotten_tomatoes":
-            ds = _rename(load_rotten_tomatoes(), source, text_column="text", label_column="label")
+            ds = load_rotten_tomatoes()
         elif Path(source).expanduser().is_file():
             ds = _rename(read_table(source), source, text_column=self.text_column,
                          label_column=self.label_column)
@@ -403,10 +374,8 @@ class TextClassificationData(_SplitData):
 
         tokenizer = tokenizer_for(self.tokenizer_name)
         if tokenizer is None:
-            raise ValueError(
-                f"tokenizer={self.tokenizer_name!r} is a vision backbone; pass 'minilm', 'mpnet' "
-                "or a Hugging Face model folder with a tokenizer"
-            )
+            raise ValueError(f"tokenizer={self.tokenizer_name!r} is a vision backbone; pass "
+                             "'minilm', 'mpnet' or a Hugging Face model folder with a tokenizer")
         return tokenizer
 
     def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:

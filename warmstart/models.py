@@ -39,7 +39,7 @@ class TextClassifierNet(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, pooling: Pooling = "mean") -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling={pooling!r} is not supported; use 'mean' or 'cls'")
+            raise ValueError(f"pooling={pooling!r} is not supported; use 'mean'/'cls'")
         self.backbone = backbone
         self.pooling = pooling
         self.head = nn.Linear(backbone.config.hidden_size, num_classes)
@@ -121,9 +121,10 @@ def build_model(
 
         if pretrained:
             encoder = AutoModel.from_pretrained(text_dir, **kwargs)
-        else:
-            encoder = AutoModel.from_config(AutoConfig.from_pretrained(text_dir), **kwargs)
-        return TextClassifierNet(encoder, num_classes, pooling)
+        else:  # kwargs override config entries, as from_pretrained does
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(text_dir, **kwargs))
+        # from_pretrained returns eval mode; a fresh model trains (dropout on) like timm's
+        return TextClassifierNet(encoder.train(), num_classes, pooling)
     if backbone in LITE_BACKBONES:
         return assets.efficientnet_lite(
             LITE_BACKBONES[backbone], num_classes, pretrained=pretrained, **kwargs
@@ -172,24 +173,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: float, scheduler: Sched
     return 1.0 - progress
 
 
-def _check_args(num_classes: int, lr: float, weight_decay: float, warmup_steps: int,
-                scheduler: str, pooling: str, head_lr_multiplier: float) -> None:
-    checks = [
-        (num_classes >= 2, f"num_classes={num_classes} must be at least 2"),
-        (lr > 0, f"lr={lr} must be > 0"),
-        (weight_decay >= 0, f"weight_decay={weight_decay} must be >= 0"),
-        (warmup_steps >= 0, f"warmup_steps={warmup_steps} must be >= 0 (0 disables warmup)"),
-        (scheduler in ("constant", "cosine", "linear"),
-         f"scheduler={scheduler!r} is not supported; use 'constant', 'cosine' or 'linear'"),
-        (pooling in ("mean", "cls"), f"pooling={pooling!r} is not supported; use 'mean' or 'cls'"),
-        (head_lr_multiplier > 0,
-         f"head_lr_multiplier={head_lr_multiplier} must be > 0 (1.0 = same lr as the body)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 class Classifier(lightning.LightningModule):
     """Image or text classification over any :func:`build_model` backbone.
 
@@ -218,8 +201,19 @@ class Classifier(lightning.LightningModule):
         head_lr_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_args(num_classes, lr, weight_decay, warmup_steps, scheduler, pooling,
-                    head_lr_multiplier)
+        for ok, message in [
+            (num_classes >= 2, f"num_classes={num_classes} must be at least 2"),
+            (lr > 0, f"lr={lr} must be > 0"),
+            (weight_decay >= 0, f"weight_decay={weight_decay} must be >= 0"),
+            (warmup_steps >= 0, f"warmup_steps={warmup_steps} must be >= 0 (0: no warmup)"),
+            (scheduler in ("constant", "cosine", "linear"),
+             f"scheduler={scheduler!r} is not supported; use 'constant', 'cosine' or 'linear'"),
+            (pooling in ("mean", "cls"), f"pooling={pooling!r} is not supported; use 'mean'/'cls'"),
+            (head_lr_multiplier > 0,
+             f"head_lr_multiplier={head_lr_multiplier} must be > 0 (1.0: the body's lr)"),
+        ]:
+            if not ok:
+                raise ValueError(message)
         self.save_hyperparameters()
         self.model = build_model(backbone, num_classes, pretrained=pretrained,
                                  model_kwargs=model_kwargs, pooling=pooling)
@@ -269,7 +263,8 @@ class Classifier(lightning.LightningModule):
 
     def _head_param_ids(self) -> set[int]:
         head = self.model.head if self.is_text else self.model.get_classifier()
-        return {id(p) for p in head.parameters()}
+        heads = head if isinstance(head, tuple) else (head,)  # timm distilled: (head, head_dist)
+        return {id(p) for module in heads for p in module.parameters()}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: weight decay off for biases / norms / timm's ``no_weight_decay`` names;
