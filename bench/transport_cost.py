@@ -1,0 +1,415 @@
+"""Cost of a transport against its floor: wall time per phase, peak memory, statistics memory.
+
+The floor is the bare forward passes of both base models over the same calibration inputs (eval
+mode, ``torch.no_grad``, no hooks): no transport that needs paired activations can be cheaper.
+Each case runs in a fresh subprocess (``--case NAME --child``), so its peak RSS
+(``ru_maxrss``) is its own; the parent collects the child's JSON from stdout, prints a table and
+writes ``--out``.
+
+Cases:
+- ``text``: all-MiniLM-L6-v2 (BERT 384 x 6) -> all-mpnet-base-v2 (MPNet 768 x 12), real weights,
+  256 Rotten Tomatoes sentences, batch 32, each model with its own tokenizer;
+- ``vit_b_32`` / ``vit_b_128``: timm ``vit_base_patch16_224`` (768 x 12) -> the same with width 896
+  (14 heads, MLP 3584), random init, 224 px, 32 / 128 random images, batch 16 (the design's cost
+  bar, DESIGN.md section 7).
+
+Besides ``report.timings`` the child times, by wrapping engine functions (a few hundred calls,
+negligible overhead): every Procrustes map by shape (SVDs), ``CrossStatistics.update`` (the cross
+products and float64 sums) and ``pair_rows``; the rest of the statistics phase is the forward
+passes (about the floor) plus hooks, slicing and finiteness checks. ``--profile`` also runs the
+transport under cProfile (slower) and reports the top functions.
+
+Usage:
+    python bench/transport_cost.py --cases text vit_b_32 --threads 2
+    python bench/transport_cost.py --case text --child   # one case, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULT_MARKER = "@@TRANSPORT_COST_RESULT@@ "
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "transport_cost.json"
+PHASES = ("statistics", "maps", "rules", "apply", "total")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    build: Callable[[argparse.Namespace], dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# cases (imports inside, so that the parent process stays light)
+
+
+def _task_vector(model, seed: int, scale: float = 1e-3):
+    import torch
+
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(out.named_parameters()):
+            std = float(p.float().std()) if p.numel() > 1 else 1.0
+            p.add_(scale * (std or 1.0) * torch.randn(p.shape, generator=gen))
+    return out
+
+
+def build_text(args: argparse.Namespace) -> dict[str, Any]:
+    import pandas as pd
+    from transformers import AutoModel, AutoTokenizer
+
+    from warmstart import assets
+
+    n, batch = args.sentences, 32
+    frame = pd.read_csv(assets.rotten_tomatoes_csv())
+    texts = frame[frame["category"].isin(["fresh", "rotten"])]["text"].astype(str).head(n)
+    texts = texts.tolist()
+
+    def batches(folder):
+        tok = AutoTokenizer.from_pretrained(folder)
+        out = []
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], padding=True, truncation=True,
+                      max_length=args.max_length, return_tensors="pt")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        return out
+
+    source = AutoModel.from_pretrained(assets.minilm_dir()).eval()
+    target = AutoModel.from_pretrained(assets.mpnet_dir()).eval()
+    cal_s, cal_t = batches(assets.minilm_dir()), batches(assets.mpnet_dir())
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in cal_s))
+    return dict(source=source, target=target, finetuned=_task_vector(source, 1),
+                calibration=cal_s, target_calibration=cal_t,
+                info=dict(source="all-MiniLM-L6-v2 (BertModel 384x6)",
+                          target="all-mpnet-base-v2 (MPNetModel 768x12)", examples=len(texts),
+                          batch=batch, tokens=tokens, max_length=args.max_length))
+
+
+def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    def build(args: argparse.Namespace) -> dict[str, Any]:
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        source = timm.create_model("vit_base_patch16_224", pretrained=False,
+                                   num_classes=10).eval()
+        target = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10,
+                                   embed_dim=896, num_heads=14).eval()
+        gen = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(16, 3, 224, 224, generator=gen) for _ in range(images // 16)]
+        return dict(source=source, target=target, finetuned=_task_vector(source, 2),
+                    calibration=calibration, target_calibration=None,
+                    info=dict(source="vit_base_patch16_224 (768x12, random init)",
+                              target="vit_base_patch16_224 width 896 (896x12, random init)",
+                              examples=images, batch=16, image_size=224))
+    return build
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("text", "MiniLM-L6 -> MPNet-base, 256 real sentences", build_text),
+        Case("vit_b_32", "ViT-B/16 -> ViT-B/16 w896, 32 images", build_vit_b(32)),
+        Case("vit_b_128", "ViT-B/16 -> ViT-B/16 w896, 128 images", build_vit_b(128)),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# child: one case, measured in this process
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def floor_seconds(model, batches) -> tuple[float, float]:
+    """Wall and CPU seconds of bare forward passes over ``batches`` (no hooks, no_grad, eval)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        wall, cpu = time.perf_counter(), time.process_time()
+        for b in batches:
+            _call(model, b)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+@contextmanager
+def engine_probes():
+    """Time the engine's maps, statistics updates and row pairing; capture the statistics."""
+    import warmstart.activations as activations
+    import warmstart.transport as transport_mod
+    from warmstart.procrustes import CrossStatistics
+
+    probes: dict[str, Any] = {
+        "maps_by_shape": defaultdict(lambda: [0, 0.0]),
+        "update_by_shape": defaultdict(lambda: [0, 0.0]),
+        "pair_rows": [0, 0.0],
+        "stats_bytes": 0,
+        "stats_spaces": 0,
+    }
+    orig_map, orig_update = transport_mod.procrustes_map, CrossStatistics.update
+    orig_pair, orig_collect = activations.pair_rows, transport_mod.collect_statistics
+
+    def timed_map(stats, **kw):
+        t0 = time.perf_counter()
+        out = orig_map(stats, **kw)
+        entry = probes["maps_by_shape"][f"{stats.d_source}x{stats.d_target}"]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+        return out
+
+    def timed_update(self, a, b):
+        t0 = time.perf_counter()
+        orig_update(self, a, b)
+        entry = probes["update_by_shape"][f"{self.d_source}x{self.d_target}"]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+
+    def timed_pair(*args, **kw):
+        t0 = time.perf_counter()
+        out = orig_pair(*args, **kw)
+        probes["pair_rows"][0] += 1
+        probes["pair_rows"][1] += time.perf_counter() - t0
+        return out
+
+    def captured_collect(*args, **kw):
+        stats = orig_collect(*args, **kw)
+        probes["stats_bytes"] = sum(t.numel() * t.element_size()
+                                    for s in stats.values() for t in s.tensors())
+        probes["stats_spaces"] = len(stats)
+        return stats
+
+    transport_mod.procrustes_map = timed_map
+    CrossStatistics.update = timed_update
+    activations.pair_rows = timed_pair
+    transport_mod.collect_statistics = captured_collect
+    try:
+        yield probes
+    finally:
+        transport_mod.procrustes_map = orig_map
+        CrossStatistics.update = orig_update
+        activations.pair_rows = orig_pair
+        transport_mod.collect_statistics = orig_collect
+
+
+def _profile_summary(profiler, top: int = 15) -> list[dict[str, Any]]:
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        where = f"{Path(filename).name}:{line}({func})" if line else func
+        rows.append(dict(function=where, calls=ncalls, tottime=round(tottime, 3),
+                         cumtime=round(cumtime, 3)))
+    return sorted(rows, key=lambda r: -r["tottime"])[:top]
+
+
+def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from warmstart.transport import transport
+
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    case = CASES[name].build(args)
+    setup_s = time.perf_counter() - t0
+    source, target = case["source"], case["target"]
+    cal_s = case["calibration"]
+    cal_t = case["target_calibration"] or cal_s
+    # warm-up (not counted): first calls allocate and pick kernels
+    floor_seconds(source, cal_s[:1])
+    floor_seconds(target, cal_t[:1])
+    floor_s = floor_seconds(source, cal_s)
+    floor_t = floor_seconds(target, cal_t)
+    rss_before = _rss_mb()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    with engine_probes() as probes:
+        cpu0 = time.process_time()
+        if profiler:
+            profiler.enable()
+        report = transport(source, case["finetuned"], target, cal_s,
+                           target_calibration=case["target_calibration"], progress=False)
+        if profiler:
+            profiler.disable()
+        transport_cpu = time.process_time() - cpu0
+    timings = {k: float(report.timings.get(k, 0.0)) for k in PHASES}
+    timings["other"] = timings["total"] - sum(timings[k] for k in PHASES[:-1])
+    floor = floor_s[0] + floor_t[0]
+    update_s = sum(v[1] for v in probes["update_by_shape"].values())
+    pair_s = probes["pair_rows"][1]
+    out = dict(
+        case=name,
+        description=CASES[name].description,
+        info=case["info"],
+        threads=args.threads,
+        torch=torch.__version__,
+        setup_seconds=setup_s,
+        floor=dict(seconds=floor, source_seconds=floor_s[0], target_seconds=floor_t[0],
+                   cpu_seconds=floor_s[1] + floor_t[1]),
+        timings=timings,
+        transport_cpu_seconds=transport_cpu,
+        ratio_total_floor=timings["total"] / floor if floor > 0 else None,
+        statistics_breakdown=dict(
+            cross_update_seconds=update_s,
+            pair_rows_seconds=pair_s,
+            forward_floor_seconds=floor,
+            hooks_checks_other_seconds=timings["statistics"] - update_s - pair_s - floor,
+            update_by_shape={k: dict(calls=v[0], seconds=v[1])
+                             for k, v in sorted(probes["update_by_shape"].items())},
+        ),
+        maps_by_shape={k: dict(count=v[0], seconds=v[1])
+                       for k, v in sorted(probes["maps_by_shape"].items())},
+        statistics_memory=dict(bytes=probes["stats_bytes"], spaces=probes["stats_spaces"],
+                               mb=probes["stats_bytes"] / 2**20),
+        n_maps=len(report.maps),
+        maps_rank_deficient=sum(not m.determined for m in report.maps),
+        n_params=len(report.params),
+        peak_rss_mb=_rss_mb(),
+        peak_rss_before_transport_mb=rss_before,
+        loadavg_start=load0,
+        loadavg_end=os.getloadavg(),
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    if profiler:
+        out["profile_top"] = _profile_summary(profiler)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: one subprocess per case, a table, a JSON file
+
+
+def run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--child",
+           "--threads", str(args.threads), "--sentences", str(args.sentences),
+           "--max-length", str(args.max_length)]
+    if args.profile:
+        cmd.append("--profile")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"case {name!r} failed (exit {proc.returncode}); its stdout ended "
+                           f"with: {proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="transport cost (wall seconds; floor = bare forwards of both models)")
+    for col in ("case", "examples", "floor", "statistics", "maps", "rules", "apply", "other",
+                "total", "total/floor", "cpu s", "peak RSS MB", "stats MB"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for name, r in results.items():
+        t = r["timings"]
+        table.add_row(
+            name, str(r["info"]["examples"]), f"{r['floor']['seconds']:.1f}",
+            *(f"{t[k]:.1f}" for k in ("statistics", "maps", "rules", "apply", "other", "total")),
+            f"{r['ratio_total_floor']:.2f}", f"{r['transport_cpu_seconds']:.0f}",
+            f"{r['peak_rss_mb']:.0f}", f"{r['statistics_memory']['mb']:.1f}",
+        )
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    detail = Table(title="where the time goes (seconds)")
+    for col in ("case", "cross update", "pair_rows", "forwards", "hooks/checks", "SVD by shape"):
+        detail.add_column(col, justify="left" if col in ("case", "SVD by shape") else "right")
+    for name, r in results.items():
+        b = r["statistics_breakdown"]
+        svd = ", ".join(f"{k}: {v['count']} x {v['seconds'] / max(v['count'], 1):.2f}"
+                        for k, v in sorted(r["maps_by_shape"].items(),
+                                           key=lambda kv: -kv[1]["seconds"]))
+        detail.add_row(name, f"{b['cross_update_seconds']:.1f}", f"{b['pair_rows_seconds']:.1f}",
+                       f"{b['forward_floor_seconds']:.1f}",
+                       f"{b['hooks_checks_other_seconds']:.1f}", svd)
+    console.print(detail)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES),
+                        help="cases to run (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON result file (default bench/results/transport_cost.json)")
+    parser.add_argument("--sentences", type=int, default=256, help="text case: sentences")
+    parser.add_argument("--max-length", type=int, default=128, help="text case: max tokens")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the transport under cProfile (slower) and keep the top "
+                        "functions")
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        if not args.case:
+            raise SystemExit("--child needs --case NAME")
+        print(RESULT_MARKER + json.dumps(run_child(args.case, args)), flush=True)
+        return 0
+    results = {}
+    for name in ([args.case] if args.case else args.cases):
+        print(f"running {name}: {CASES[name].description} ...", file=sys.stderr, flush=True)
+        results[name] = run_case_subprocess(name, args)
+        r = results[name]
+        print(f"  total {r['timings']['total']:.1f}s, floor {r['floor']['seconds']:.1f}s, "
+              f"ratio {r['ratio_total_floor']:.2f}", file=sys.stderr, flush=True)
+    print_table(results)
+    sizes = {n: r["statistics_memory"]["bytes"] for n, r in results.items()
+             if n.startswith("vit_b_")}
+    if len(sizes) > 1:
+        same = len(set(sizes.values())) == 1
+        print(f"statistics memory independent of calibration size: {same} ({sizes})",
+              file=sys.stderr)
+    previous = {}
+    if args.out.exists():
+        try:
+            previous = json.loads(args.out.read_text()).get("cases", {})
+        except (OSError, ValueError):
+            previous = {}
+    payload = dict(
+        benchmark="transport_cost",
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                     python=platform.python_version()),
+        cases={**previous, **results},
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
