@@ -177,7 +177,6 @@ def test_text_theseus_minilm_to_mpnet(text_pair, tmp_path):
     expected = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert r.block_map == tuple((f"0.{j}", f"0.{i}") for j, i in enumerate(expected))
 
-    # every target entry is listed, except the embeddings (see the xfail test below)
     assert unaccounted(r, before) <= set(TEXT_EMBEDDINGS)
     for name in TEXT_EMBEDDINGS:
         assert torch.equal(before[name], after[name]), f"{name} must keep a zero delta"
@@ -217,10 +216,6 @@ def test_text_theseus_minilm_to_mpnet(text_pair, tmp_path):
 
 @pytest.mark.slow
 @_skip_unless(TEXT_ASSETS)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: with embeddings='zero' (the default) the embedding tables get a zero delta but are "
-    "listed neither in report.params nor in report.skipped (transport._wanted drops them, "
-    "_check_coverage never lists them)"))
 def test_text_report_lists_every_target_entry(text_pair):
     missing = sorted(unaccounted(text_pair.report, text_pair.before))
     assert missing == []
@@ -374,7 +369,7 @@ def test_lite_pair_accounts_for_every_parameter_and_buffer(lite_pair, tmp_path):
     assert_changed_finite(before, after, [n for n in before if n != "classifier.bias"])
     assert_delta_norms(r, before, after)
     # the packaged weights have dead channels with running_var exactly 0 (242 in Lite2); every
-    # positive variance must stay positive (zeros: see the xfail test below)
+    # positive variance must stay positive
     variances = [n for n in after if n.endswith(".running_var")]
     assert all((lite_pair.finetuned.state_dict()[n] >= 0).all()
                for n in lite_pair.finetuned.state_dict() if n.endswith(".running_var"))
@@ -388,11 +383,6 @@ def test_lite_pair_accounts_for_every_parameter_and_buffer(lite_pair, tmp_path):
 
 @pytest.mark.slow
 @_skip_unless(LITE_ASSETS)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: the variance rule adds sum_i T_ij^2 tau_i to the target's running_var without a "
-    "floor, so target channels with running_var == 0 (dead channels of the real Lite2) turn "
-    "negative whenever the mapped source variances decreased (below -eps here: NaN logits); "
-    "apply_update only checks finiteness"))
 def test_lite_running_var_never_negative(lite_pair):
     negative = {n: int((v < 0).sum()) for n, v in lite_pair.after.items()
                 if n.endswith(".running_var") and (v < 0).any()}
@@ -424,9 +414,6 @@ def test_lite_depthwise_zero_leaves_depthwise_weights(lite_pair):
 
 @pytest.mark.slow
 @_skip_unless(LITE_ASSETS)
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: depthwise='zero' drops the depthwise weights from the report (neither params nor "
-    "skipped), although the design asks for the choice to be explicit and reported"))
 def test_lite_depthwise_zero_is_reported(lite_pair):
     target = copy.deepcopy(lite_pair.base)
     report = transport(lite_pair.source, lite_pair.finetuned, target, method="slice",

@@ -10,7 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -47,6 +47,7 @@ class Update:
     params: tuple[ParamReport, ...]
     maps: tuple[MapReport, ...]
     skipped: tuple[tuple[str, str], ...]
+    nonnegative: frozenset[str] = frozenset()  # variances: clamped at 0 after adding alpha*delta
 
 
 def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str) -> None:
@@ -123,8 +124,11 @@ def transport(
     if alpha == "auto":
         alpha, scores = select_alpha(target, update, evaluate, alpha_grid)
     t0 = time.perf_counter()
-    apply_update(target, update, float(alpha))
+    clamped = apply_update(target, update, float(alpha))
     timings["apply"] = time.perf_counter() - t0
+    params = tuple(replace(p, note=f"{clamped[p.name]} channel(s) clamped at 0 (a variance "
+                                   "cannot be negative)") if clamped.get(p.name) else p
+                   for p in update.params)
     timings["total"] = time.perf_counter() - started
     options = dict(method=method, center=center, whiten=whiten, completion=completion,
                    depthwise=depthwise, embeddings=embeddings, strict=strict,
@@ -132,7 +136,7 @@ def transport(
     return TransportReport(
         method, float(alpha), layout_s.family, layout_t.family,
         tuple((str(t), str(s)) for t, s in matching.block_map.items()),
-        update.params, update.maps, update.skipped, timings, options, scores,
+        params, update.maps, update.skipped, timings, options, scores,
     )
 
 
@@ -146,7 +150,13 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     head_names = {p.name for p in layout_s.params if p.rule in ("head", "head_bias")}
     tau = task_vector(pretrained, finetuned, ignore=head_names)
     skipped = _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict)
-    pairs = [pp for pp in matching.params if _wanted(pp.target, method, depthwise, embeddings)]
+    pairs = []
+    for pp in matching.params:
+        reason = _left_out(pp.target, method, depthwise, embeddings)
+        if reason is None:
+            pairs.append(pp)
+        else:
+            skipped.append((_display_name(pp.target), reason))
     needed = {k for pp in pairs for k in (pp.target.space_in, pp.target.space_out) if k}
     maps: dict[SpaceKey, ProcrustesMap] = {}
     if method != "slice" and needed:
@@ -174,15 +184,23 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
                         for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
     _warn_rank(map_reports)
-    return Update(deltas, values, reports, map_reports, tuple(skipped)), timings
+    variances = frozenset(pp.target.name for pp in pairs if pp.target.rule == "variance")
+    return Update(deltas, values, reports, map_reports, tuple(skipped), variances), timings
 
 
-def _wanted(role: ParamRole, method: str, depthwise: str, embeddings: str) -> bool:
-    if method == "head_only":
-        return role.rule in ("head", "head_bias")
-    if role.rule == "embedding":
-        return embeddings == "map" or method == "slice"
-    return not (role.rule == "depthwise" and depthwise == "zero")
+def _left_out(role: ParamRole, method: str, depthwise: str, embeddings: str) -> str | None:
+    """Why a matched parameter keeps the target's value (a zero delta), or None to transport it."""
+    if method == "head_only" and role.rule not in ("head", "head_bias"):
+        return "zero delta: method='head_only' transports only the task head"
+    if role.rule == "embedding" and embeddings == "zero":
+        return "zero delta: embeddings='zero' (the method's default)"
+    if role.rule == "depthwise" and depthwise == "zero":
+        return "zero delta: depthwise='zero'"
+    return None
+
+
+def _display_name(role: ParamRole) -> str:
+    return role.name if role.rows is None else f"{role.name}[{role.rows[0]}:{role.rows[1]}]"
 
 
 def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict):
@@ -197,6 +215,8 @@ def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, stric
     rules_t = {p.name: p.rule for p in layout_t.params}
     rules_s = {p.name: p.rule for p in layout_s.params}
     problems += [(n, r) for n, r in matching.unmatched_target if rules_t.get(n) not in zero_ok]
+    listed_zero = [(n, f"zero delta: embeddings='zero' ({r})") for n, r in matching.unmatched_target
+                   if rules_t.get(n) in zero_ok]
     problems += [(n, r) for n, r in matching.unmatched_source
                  if rules_s.get(n) not in zero_ok and n in tau]
     if problems and strict:
@@ -207,7 +227,7 @@ def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, stric
             "strict=False to skip them (they keep a zero delta and are listed in the report), or "
             "choose models of compatible families."
         )
-    skipped = list(problems)
+    skipped = list(problems) + listed_zero
     skipped += [(n, f"zero delta: {layout_t.excluded[n]}") for n in layout_t.excluded]
     return skipped
 
@@ -241,7 +261,7 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
         whole = values if role_t.rule in ("head", "head_bias") else deltas
         _place(whole, role_t, new, target_state)
         reports.append(ParamReport(
-            role_t.name if role_t.rows is None else f"{role_t.name}[{role_t.rows[0]}:{role_t.rows[1]}]",
+            _display_name(role_t),
             role_t.role, role_t.rule if method != "slice" else "slice", role_s.name,
             float(source_value.norm()), float(new.norm()),
             str(role_t.space_out) if role_t.space_out else None,
@@ -313,23 +333,31 @@ def target_tensors(target: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
+def apply_update(target: nn.Module, update: Update, alpha: float) -> dict[str, int]:
     """Write ``theta + alpha * delta`` (computed in float64, cast once) and the replaced values.
 
-    All new values are computed and checked first; the copy restores the old values if it fails.
+    Variances (BatchNorm running variances) are clamped at 0: a target channel whose variance is 0
+    would otherwise turn negative whenever the mapped source variances fell. All new values are
+    computed and checked first; the copy restores the old values if it fails. Returns the number of
+    clamped entries per parameter.
     """
     live = target_tensors(target)
     new_values: dict[str, Tensor] = {}
-    for name, delta in update.deltas.items():
+    clamped: dict[str, int] = {}
+    items = [*((n, d, True) for n, d in update.deltas.items()),
+             *((n, v, False) for n, v in update.values.items())]
+    for name, tensor, is_delta in items:
         current = live[name]
-        new_values[name] = current.detach().double() + alpha * delta.to(current.device)
-    for name, value in update.values.items():
-        new_values[name] = value
-    for name, value in new_values.items():
+        value = tensor.to(current.device)
+        if is_delta:
+            value = current.detach().double() + alpha * value
+        if name in update.nonnegative:
+            clamped[name] = int((value < 0).sum())
+            value = value.clamp_min(0.0)
         if not torch.isfinite(value).all():
             raise ValueError(f"the transported value of {name} is not finite; nothing was "
                              "written. Check alpha and the calibration data.")
-        new_values[name] = value.to(device=live[name].device, dtype=live[name].dtype)
+        new_values[name] = value.to(dtype=current.dtype)
     backup = {name: live[name].detach().clone() for name in new_values}
     try:
         with torch.no_grad():
@@ -340,6 +368,7 @@ def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
             for name, value in backup.items():
                 live[name].copy_(value)
         raise
+    return clamped
 
 
 def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[float, tuple]:
