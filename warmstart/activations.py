@@ -241,13 +241,21 @@ def collect_statistics(
                                                               point_t, p.target_space))
     source_keys = {(s.module, s.side) for p in pairings for s, _ in p.points}
 
+    def check_finite(act: Tensor, model: str, key: tuple[str, str]) -> None:
+        if not torch.isfinite(act).all():
+            raise ValueError(f"{model} layer {key[0]!r} ({key[1]}put): calibration activations "
+                             "contain NaN or Inf; check the calibration inputs and the models' "
+                             "dtype.")
+
     def store(key):
         def fn(act: Tensor) -> None:
+            check_finite(act, "source", key)
             stored[key] = act.detach()
         return fn
 
     def consume(key):
         def fn(act: Tensor) -> None:
+            check_finite(act, "target", key)
             for acc, point_s, point_t, space in consumers[key]:
                 where = f"{space} ({point_s.module}:{point_s.side} -> {point_t.module}:{point_t.side})"
                 if (point_s.module, point_s.side) not in stored:
@@ -256,9 +264,6 @@ def collect_statistics(
                 src = _slice(stored[(point_s.module, point_s.side)], point_s).to(act.device)
                 a, b = pair_rows(src, _slice(act.detach(), point_t), infos["source"],
                                  infos["target"], point_t.layout, where)
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                    raise ValueError(f"{where}: calibration activations contain NaN or Inf; check "
-                                     "the calibration inputs and the models' dtype.")
                 acc.update(a, b)
         return fn
 

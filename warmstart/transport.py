@@ -177,6 +177,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
         maps = {k: procrustes_map(s, center=opts.center, whiten=opts.whiten,
                                   completion=opts.completion, rank_rtol=opts.rank_rtol)
                 for k, s in stats.items()}
+        del stats  # the maps are all that is needed from here on
         timings["maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     deltas, values, reports = _transport_params(pairs, tau, finetuned, target, maps, method)
