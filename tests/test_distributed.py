@@ -1,0 +1,56 @@
+"""Statistics are all-reduced across ranks: two CPU processes (gloo) end with identical weights,
+equal to one process that saw all the calibration batches."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from warmstart.transport import transport
+
+from .test_transport import TinyMLP, _calibration, _perturbed
+
+
+def _models():
+    torch.manual_seed(0)
+    source = TinyMLP()
+    finetuned = _perturbed(source)
+    torch.manual_seed(1)
+    target = TinyMLP(hidden=24, d_out=9)
+    return source, finetuned, target
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        source, finetuned, target = _models()
+        shard = _calibration(n_batches=8)[rank::world_size]  # each rank sees its own batches
+        transport(source, finetuned, target, shard, progress=False)
+        torch.save(target.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    source, finetuned, target = _models()
+    untouched = copy.deepcopy(target.state_dict())
+    transport(source, finetuned, target, _calibration(n_batches=8), progress=False)
+    for name, value in target.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name  # bit-identical across ranks
+        # Same sums, added in another order: equal to float32 rounding.
+        torch.testing.assert_close(rank0[name], value, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(rank0["fc1.weight"], untouched["fc1.weight"])
