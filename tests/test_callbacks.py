@@ -118,7 +118,9 @@ def test_transport_keeps_the_optimizer_references(tmp_path, source_pair):
 
     class Check(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+            params = {
+                id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]
+            }
             assert params == ids
             self.weight = pl_module.model.fc1.weight.detach().clone()
 

@@ -11,7 +11,9 @@ from warmstart.cli import main
 from warmstart.compare import CompareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-FIT_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("compare"))
+FIT_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("compare")
+)
 COMPARE_CONFIGS = [*sorted((ROOT / "configs").glob("compare*.yaml")),
                    ROOT / "warmstart" / "configs" / "demo.yaml"]
 

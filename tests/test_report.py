@@ -1,4 +1,5 @@
-"""Convergence report: exact measures on synthetic piecewise-linear curves, errors, written files."""
+"""Convergence report: exact measures on synthetic piecewise-linear curves, errors, written
+files."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def curve(knots_x, knots_y, *, transport_s=0.0, loss=True, sec_per_step=0.5) -> 
     seconds = transport_s + sec_per_step * STEPS
     rows = [("val_acc", acc)] + ([("val_loss", 1.0 - acc)] if loss else [])
     return pd.concat(
-        [pd.DataFrame({"step": STEPS, "seconds": seconds, "metric": m, "value": v}) for m, v in rows],
+        [
+            pd.DataFrame({"step": STEPS, "seconds": seconds, "metric": m, "value": v})
+            for m, v in rows
+        ],
         ignore_index=True,
     )
 

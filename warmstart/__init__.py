@@ -10,7 +10,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .transport import transport  # eager: the name would otherwise resolve to the submodule
+# Eager, not lazy like _EXPORTS: the name would otherwise resolve to the submodule. Re-exported
+# through the computed __all__ below, which ruff cannot see.
+from .transport import transport  # noqa: F401
 
 __version__ = "0.1.0"
 

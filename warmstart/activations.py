@@ -129,9 +129,9 @@ def _pair_masked(source: Tensor, target: Tensor, mask_s: Tensor, mask_t: Tensor,
         bad = (counts_s.cpu() != counts_t.cpu()).nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"{where}: token counts differ between source and target for examples {bad} "
-            f"(source {counts_s[bad].tolist()}, target {counts_t[bad].tolist()}); tokens can only be "
-            "paired one to one when both tokenizers split the text identically. Use the same "
-            "tokenizer for both models, or calibrate with pooled features."
+            f"(source {counts_s[bad].tolist()}, target {counts_t[bad].tolist()}); tokens can "
+            "only be paired one to one when both tokenizers split the text identically. Use the "
+            "same tokenizer for both models, or calibrate with pooled features."
         )
     return source[mask_s.to(source.device)], target[mask_t.to(target.device)]
 
@@ -257,7 +257,8 @@ def collect_statistics(
         def fn(act: Tensor) -> None:
             check_finite(act, "target", key)
             for acc, point_s, point_t, space in consumers[key]:
-                where = f"{space} ({point_s.module}:{point_s.side} -> {point_t.module}:{point_t.side})"
+                where = (f"{space} ({point_s.module}:{point_s.side} -> "
+                         f"{point_t.module}:{point_t.side})")
                 if (point_s.module, point_s.side) not in stored:
                     raise ValueError(f"{where}: the source layer produced no activation in this "
                                      "batch; it is not on the source model's forward path.")

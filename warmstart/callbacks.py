@@ -187,10 +187,9 @@ class ConvergenceTracker(Callback):
         step = trainer.global_step
         if step == self._last_step:
             return
-        self._clock, paused = self.seconds(), time.perf_counter()
+        self._clock = self.seconds()  # the clock stops while the tracker itself evaluates
         metrics = evaluate(pl_module, _val_batches(trainer) or [], self.max_val_batches)
         self._started = time.perf_counter()
-        del paused
         self.rows += [(step, self._clock, k, v) for k, v in metrics.items()]
         self._last_step = step
         for logger in trainer.loggers:

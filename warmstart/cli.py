@@ -35,13 +35,11 @@ def _lightning_cli():
         def add_arguments_to_parser(self, parser) -> None:
             # Optional top-level sections, so `-c callbacks/transport.yaml` and
             # `-c callbacks/convergence.yaml` compose instead of replacing trainer.callbacks.
-            from typing import Optional
-
             from .callbacks import ConvergenceTracker, TaskVectorTransport
 
-            parser.add_argument("--transport", type=Optional[TaskVectorTransport], default=None,
+            parser.add_argument("--transport", type=TaskVectorTransport | None, default=None,
                                 help="warm-start the model at fit start (callbacks/transport.yaml)")
-            parser.add_argument("--convergence", type=Optional[ConvergenceTracker], default=None,
+            parser.add_argument("--convergence", type=ConvergenceTracker | None, default=None,
                                 help="record convergence curves (callbacks/convergence.yaml)")
 
         def instantiate_trainer(self, **kwargs):

@@ -1,7 +1,7 @@
 """Convergence plots of runs grouped by arm: metric against steps and against wall-clock seconds.
 
-Uses matplotlib's object API with the Agg canvas only (no ``pyplot``), so it works headless and never
-switches the backend of a notebook or GUI session that imports warmstart.
+Uses matplotlib's object API with the Agg canvas only (no ``pyplot``), so it works headless and
+never switches the backend of a notebook or GUI session that imports warmstart.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Paired activation rows ``a_k`` (width ``d_source``) and ``b_k`` (width ``d_target``) are summarised
 by :class:`CrossStatistics`. The map is the semi-orthogonal ``T`` (``d_source x d_target``) that
-maximises ``trace(T^T C)`` with ``C = sum_k a_k b_k^T``; for ``d_source <= d_target`` this is exactly
-the minimiser of ``sum_k ||a_k T - b_k||^2`` over matrices with orthonormal rows (Schönemann 1966,
-"A generalized solution of the orthogonal Procrustes problem"). With the thin SVD ``C = U S V^T`` the
-answer is the polar factor ``T = U V^T``, which is unique wherever ``C`` has full rank, even when
-singular values repeat.
+maximises ``trace(T^T C)`` with ``C = sum_k a_k b_k^T``; for ``d_source <= d_target`` this is
+exactly the minimiser of ``sum_k ||a_k T - b_k||^2`` over matrices with orthonormal rows
+(Schönemann 1966, "A generalized solution of the orthogonal Procrustes problem"). With the thin
+SVD ``C = U S V^T`` the answer is the polar factor ``T = U V^T``, which is unique wherever ``C``
+has full rank, even when singular values repeat.
 
 Directions on which ``C`` vanishes are not determined by the data. They are left out (``T`` is then
 a partial isometry of rank ``r``) unless ``completion="crop"`` asks for the deterministic completion
@@ -117,8 +117,8 @@ class ProcrustesMap:
     ``rank`` counts the singular values of the (possibly centred/whitened) cross moment above
     ``rank_rtol * s_max``; directions beyond it are left out (``completion="none"``) or completed
     deterministically (``completion="crop"``). ``residual`` is ``||A T - B||^2 / ||B||^2`` over the
-    calibration rows: exact when ``d_source <= d_target`` or when Grams were kept, otherwise an upper
-    bound. ``alignment`` is ``trace(S) / sqrt(||A||^2 ||B||^2)`` (1 for an exact isometry).
+    calibration rows: exact when ``d_source <= d_target`` or when Grams were kept, otherwise an
+    upper bound. ``alignment`` is ``trace(S) / sqrt(||A||^2 ||B||^2)`` (1 for an exact isometry).
     """
 
     map: Tensor
@@ -137,7 +137,8 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
     """Polar factor ``U_r V_r^T`` of ``matrix`` restricted to its numerical rank ``r``.
 
     Returns the factor (same shape as ``matrix``, float64) and ``r``. Singular values at or below
-    ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the data.
+    ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the
+    data.
     """
     m = matrix.double()
     # The eigendecomposition of the narrow-side Gram (C C^T when d_source <= d_target) gives U and
@@ -156,7 +157,8 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
 
 
 def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
-    """The naive map [d_source, d_target]: identity on the shared leading coordinates, zero elsewhere."""
+    """The naive map [d_source, d_target]: identity on the shared leading coordinates, zero
+    elsewhere."""
     out = torch.zeros(d_source, d_target, dtype=dtype, device=device)
     k = min(d_source, d_target)
     out[range(k), range(k)] = 1.0
@@ -182,8 +184,9 @@ def procrustes_map(
     """Map from statistics. Default (the method's): uncentred, no whitening, no completion.
 
     - ``center``: use ``C - n mu_source mu_target^T`` (the cross-covariance).
-    - ``whiten=p`` in [0, 0.5]: ``C <- G_source^{-p} C G_target^{-p}`` (Grams centred with ``center``),
-      eigenvalues floored at ``eig_floor * max``; ``p=0.5`` is full whitening (CCA directions).
+    - ``whiten=p`` in [0, 0.5]: ``C <- G_source^{-p} C G_target^{-p}`` (Grams centred with
+      ``center``), eigenvalues floored at ``eig_floor * max``; ``p=0.5`` is full whitening (CCA
+      directions).
     - ``completion="crop"``: fill the undetermined directions with the polar factor of the naive
       crop map projected onto the orthogonal complements of the determined subspaces. Deterministic
       (a polar factor is unique) and semi-orthogonal overall.
@@ -212,7 +215,8 @@ def procrustes_map(
             gram_s = gram_s - n * torch.outer(mu_s, mu_s)
             gram_t = gram_t - n * torch.outer(mu_t, mu_t)
     if whiten > 0:
-        cross = _inverse_root(gram_s, whiten, eig_floor) @ cross @ _inverse_root(gram_t, whiten, eig_floor)
+        cross = (_inverse_root(gram_s, whiten, eig_floor) @ cross
+                 @ _inverse_root(gram_t, whiten, eig_floor))
     transport, rank = polar_factor(cross, rank_rtol)
     completed = 0
     if completion == "crop" and rank < min(cross.shape):
@@ -226,7 +230,8 @@ def _complete(partial: Tensor, rank_rtol: float) -> tuple[Tensor, int]:
     # Projectors onto the directions the data did not determine, on each side.
     free_s = torch.eye(d_s, dtype=partial.dtype, device=partial.device) - partial @ partial.T
     free_t = torch.eye(d_t, dtype=partial.dtype, device=partial.device) - partial.T @ partial
-    filler, added = polar_factor(free_s @ crop_map(d_s, d_t, device=partial.device) @ free_t, rank_rtol)
+    filler, added = polar_factor(free_s @ crop_map(d_s, d_t, device=partial.device) @ free_t,
+                                 rank_rtol)
     return partial + filler, added
 
 

@@ -38,7 +38,8 @@ def _fmt(stat: Stat, spec: str, suffix: str = "") -> str:
 
 
 def summary_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per arm, all strings) shared by the Markdown, HTML and console tables."""
+    """Header and rows (one per arm, all strings) shared by the Markdown, HTML and console
+    tables."""
     m = summary.metric
     header = ["arm", "seeds", f"{m} at step 0", f"final {m}", f"mean {m} (AUC)", "steps to target",
               "seconds to target", "speedup (steps)", "speedup (wall-clock)"]
@@ -152,7 +153,9 @@ def write_report(
     (out / "convergence.png").write_bytes(png.getvalue())
     fig.savefig(out / "convergence.svg", format="svg")
     (out / "report.md").write_text(_markdown(title, summary, config), encoding="utf-8")
-    (out / "report.html").write_text(_html(title, summary, config, png.getvalue()), encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out / "report.html").write_text(_html(title, summary, config, png.getvalue()),
+                                     encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n",
+                                      encoding="utf-8")
     print_summary(summary, title, console)
     return summary

@@ -12,9 +12,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 
 def linear(tau: Tensor, t_out: Tensor, t_in: Tensor) -> Tensor:

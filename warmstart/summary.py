@@ -62,7 +62,8 @@ class Run:
     curve: pd.DataFrame
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "curve", _normalize_curve(self.curve, f"({self.arm!r}, {self.seed})"))
+        object.__setattr__(self, "curve",
+                           _normalize_curve(self.curve, f"({self.arm!r}, {self.seed})"))
 
     def series(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(steps, seconds, values)`` of one metric, sorted by step, each of shape [n_points]."""
@@ -246,9 +247,9 @@ def summarize(
     - ``steps_to_target`` / ``seconds_to_target``: step and wall-clock seconds (transport included)
       of the first point that reaches ``target``; ``None`` for a seed that never does ("not
       reached"). Means are over the seeds that reached; ``ArmSummary.n_reached`` counts them.
-    - ``reference_steps_to_final`` / ``..._seconds_...``: per reference seed, the first step (and its
-      seconds) at which that seed reaches its *own* final value, i.e. when the cold run had done its
-      useful work; the mean over reference seeds is the numerator of the speedups.
+    - ``reference_steps_to_final`` / ``..._seconds_...``: per reference seed, the first step (and
+      its seconds) at which that seed reaches its *own* final value, i.e. when the cold run had done
+      its useful work; the mean over reference seeds is the numerator of the speedups.
     - ``speedup_steps``: mean reference steps-to-final / this seed's steps-to-target (``inf`` when
       reached at step 0, ``None`` when never reached); ``speedup_seconds`` likewise in seconds.
     - ``auc``: trapezoid integral of the value over steps divided by the step span, i.e. the mean
@@ -261,7 +262,8 @@ def summarize(
     ref_series = [r.series(metric) for r in by_arm[reference_arm]]
     target = float(np.mean([v[-1] for _, _, v in ref_series]))
     ref_reach = [_first_reach(s, t, v, float(v[-1]), higher_is_better) for s, t, v in ref_series]
-    ref_steps, ref_seconds = Stat(tuple(s for s, _ in ref_reach)), Stat(tuple(t for _, t in ref_reach))
+    ref_steps = Stat(tuple(s for s, _ in ref_reach))
+    ref_seconds = Stat(tuple(t for _, t in ref_reach))
     arms = []
     for arm, arm_runs in by_arm.items():
         cols: dict[str, list[float | None]] = {k: [] for k in _STAT_FIELDS}

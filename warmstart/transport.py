@@ -169,7 +169,8 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
                              "(e.g. a DataLoader of unlabelled training inputs).")
         t0 = time.perf_counter()
         stats = collect_statistics(
-            source, target, layout_s, layout_t, [matching.spaces[k] for k in sorted(needed, key=str)],
+            source, target, layout_s, layout_t,
+            [matching.spaces[k] for k in sorted(needed, key=str)],
             calibration, target_calibration, with_grams=opts.whiten > 0,
             max_batches=max_batches, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
@@ -223,8 +224,9 @@ def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, stric
     if problems and strict:
         listed = "; ".join(f"{n}: {r}" for n, r in problems[:10])
         raise ValueError(
-            f"{len(problems)} parameter(s) cannot be matched between source ({layout_s.family}) and "
-            f"target ({layout_t.family}): {listed}{' ...' if len(problems) > 10 else ''}. Pass "
+            f"{len(problems)} parameter(s) cannot be matched between source "
+            f"({layout_s.family}) and target ({layout_t.family}): "
+            f"{listed}{' ...' if len(problems) > 10 else ''}. Pass "
             "strict=False to skip them (they keep a zero delta and are listed in the report), or "
             "choose models of compatible families."
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -183,6 +183,3 @@ def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[di
         strict=config.strict, progress=progress,
     )
 
-
-def batches(loader: Iterable[dict]) -> Iterator[dict]:
-    yield from loader

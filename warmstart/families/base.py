@@ -153,7 +153,8 @@ def join(prefix: str, name: str) -> str:
 
 
 def find_head(model: nn.Module, backbone_prefix: str) -> tuple[str, nn.Linear] | None:
-    """A task head: a top-level ``nn.Linear`` called ``head``/``classifier``/``fc`` outside the backbone."""
+    """A task head: a top-level ``nn.Linear`` called ``head``/``classifier``/``fc`` outside the
+    backbone."""
     for attr in ("head", "classifier", "fc"):
         module = getattr(model, attr, None)
         if isinstance(module, nn.Linear) and attr != backbone_prefix:
@@ -170,7 +171,8 @@ def linear_params(
     space_in: SpaceKey,
 ) -> list[ParamRole]:
     """Roles for a linear/1x1-conv layer: its weight and (if present) its bias."""
-    out = [ParamRole(join(module_name, "weight"), f"{role}.weight", block, "linear", space_out, space_in)]
+    out = [ParamRole(join(module_name, "weight"), f"{role}.weight", block, "linear",
+                     space_out, space_in)]
     if getattr(module, "bias", None) is not None:
         out.append(ParamRole(join(module_name, "bias"), f"{role}.bias", block, "vector", space_out))
     return out

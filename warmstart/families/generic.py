@@ -67,7 +67,8 @@ def describe(model: nn.Module) -> ModelLayout:
             spaces.append(Space(key, width, (Point(name, "out", "out", layout_of_norm(module)),)))
             for attr in ("weight", "bias"):
                 if getattr(module, attr, None) is not None:
-                    params.append(ParamRole(join(name, attr), join(name, attr), None, "vector", key))
+                    params.append(ParamRole(join(name, attr), join(name, attr), None, "vector",
+                                            key))
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 params.append(ParamRole(join(name, "running_mean"), join(name, "running_mean"),
                                         None, "vector", key))

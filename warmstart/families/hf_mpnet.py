@@ -1,4 +1,5 @@
-"""Hugging Face ``MPNetModel`` (e.g. all-mpnet-base-v2), alone or as the backbone of a classifier."""
+"""Hugging Face ``MPNetModel`` (e.g. all-mpnet-base-v2), alone or as the backbone of a
+classifier."""
 
 from __future__ import annotations
 

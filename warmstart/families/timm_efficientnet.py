@@ -2,8 +2,8 @@
 residual blocks, with BatchNorm and optional squeeze-excite.
 
 Per block: ``in`` (the block input), ``expanded`` (the channels the depthwise conv works on; a
-depthwise conv keeps coordinates, so its input and output share the space), ``se_hidden`` and ``out``
-(projection output and block output). Stages pair block by block by relative position.
+depthwise conv keeps coordinates, so its input and output share the space), ``se_hidden`` and
+``out`` (projection output and block output). Stages pair block by block by relative position.
 """
 
 from __future__ import annotations
