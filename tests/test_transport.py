@@ -121,7 +121,7 @@ def test_rank_deficient_maps_are_reported_and_warned():
     target = _widen(source, _signed_partial_permutation(16, 24, seed=4))
     with pytest.warns(UserWarning, match=r"fc1:out rank 5/16 from 384 rows"):
         report = transport(source, _perturbed(source), target, _calibration(d_in=4),
-                           progress=False)
+                           completion="none", progress=False)
     deficient = [m for m in report.maps if not m.determined]
     assert [m.target_space for m in deficient] == ["fc1:out"]
     assert report.summary()["maps_rank_deficient"] == 1.0

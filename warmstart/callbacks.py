@@ -77,7 +77,7 @@ class TaskVectorTransport(Callback):
         alpha_val_batches: int = 4,
         center: bool = False,
         whiten: float = 0.0,
-        completion: Literal["none", "crop"] = "none",
+        completion: Literal["none", "crop"] = "crop",
         depthwise: Literal["diagonal", "zero"] = "diagonal",
         embeddings: Literal["zero", "map"] = "zero",
         depth_mapping: list[int] | None = None,

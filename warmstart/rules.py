@@ -3,7 +3,8 @@
 - linear ``[out, in]``: ``T_out^T tau T_in``
 - vector ``[d]`` (bias, norm gain/shift, BN running mean): ``T_out^T v``
 - variance ``[d]`` (BN running variance): ``sum_i T_out[i, j]^2 v_i`` (variance of a mapped
-  coordinate when source coordinates are uncorrelated)
+  coordinate when source coordinates are uncorrelated); the transport applies it to the log
+  ratio of the finetuned to the pretrained variance and scales the target's variance by it
 - conv ``[out, in, kh, kw]``: the linear rule per spatial tap
 - depthwise ``[C, 1, kh, kw]``: per tap ``diag(T^T diag(w) T)``, i.e. ``sum_i T[i, j]^2 w_i``
 - head ``[n_classes, d]``: ``W_A T_in`` (the whole finetuned head; classes are the same)

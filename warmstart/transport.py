@@ -10,7 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,20 +34,21 @@ DEFAULT_ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 class MapOptions:
     center: bool = False
     whiten: float = 0.0
-    completion: Completion = "none"
+    completion: Completion = "crop"
     rank_rtol: float = 1e-6
 
 
 @dataclass(frozen=True)
 class Update:
-    """Computed, not yet applied: ``deltas`` are added (times alpha), ``values`` replace."""
+    """Computed, not yet applied: ``deltas`` are added (times alpha), ``values`` replace,
+    ``log_scales`` multiply (``theta * exp(alpha * s)``, for variances)."""
 
     deltas: Mapping[str, Tensor]
     values: Mapping[str, Tensor]
     params: tuple[ParamReport, ...]
     maps: tuple[MapReport, ...]
     skipped: tuple[tuple[str, str], ...]
-    nonnegative: frozenset[str] = frozenset()  # variances: clamped at 0 after adding alpha*delta
+    log_scales: Mapping[str, Tensor] | None = None  # variances: theta * exp(alpha * log_scale)
 
 
 def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str) -> None:
@@ -77,7 +78,7 @@ def transport(
     evaluate: Callable[[nn.Module], float] | None = None,
     center: bool = False,
     whiten: float = 0.0,
-    completion: Completion = "none",
+    completion: Completion = "crop",
     depthwise: Literal["diagonal", "zero"] = "diagonal",
     embeddings: Literal["zero", "map"] = "zero",
     depth_mapping: DepthMapping = None,
@@ -101,6 +102,10 @@ def transport(
         alpha: strength, or ``"auto"`` to take the best of ``alpha_grid`` by ``evaluate(target)``
             (a validation loss, lower is better; forward passes only).
         center, whiten, completion: map options, see :func:`warmstart.procrustes.procrustes_map`.
+            ``completion="crop"`` (the default here) fills directions no calibration row
+            determines with the crop map restricted to them, so identical models still get
+            exactly tau on real, rank-deficient activations (EfficientNet-Lite0 onto itself:
+            0.953 val accuracy with "crop" against 0.195 with "none"); "none" leaves them out.
         depthwise: ``diagonal`` transports depthwise convs by the diagonal rule, ``zero`` leaves
             them at the target's weights.
         embeddings: ``zero`` (the method's default) or ``map`` (feature dimension mapped).
@@ -124,11 +129,8 @@ def transport(
     if alpha == "auto":
         alpha, scores = select_alpha(target, update, evaluate, alpha_grid)
     t0 = time.perf_counter()
-    clamped = apply_update(target, update, float(alpha))
+    apply_update(target, update, float(alpha))
     timings["apply"] = time.perf_counter() - t0
-    params = tuple(replace(p, note=f"{clamped[p.name]} channel(s) clamped at 0 (a variance "
-                                   "cannot be negative)") if clamped.get(p.name) else p
-                   for p in update.params)
     timings["total"] = time.perf_counter() - started
     options = dict(method=method, center=center, whiten=whiten, completion=completion,
                    depthwise=depthwise, embeddings=embeddings, strict=strict,
@@ -136,7 +138,7 @@ def transport(
     return TransportReport(
         method, float(alpha), layout_s.family, layout_t.family,
         tuple((str(t), str(s)) for t, s in matching.block_map.items()),
-        params, update.maps, update.skipped, timings, options, scores,
+        update.params, update.maps, update.skipped, timings, options, scores,
     )
 
 
@@ -181,13 +183,13 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
         del stats  # the maps are all that is needed from here on
         timings["maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    deltas, values, reports = _transport_params(pairs, tau, finetuned, target, maps, method)
+    deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,
+                                                        method)
     timings["rules"] = time.perf_counter() - t0
     map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
                         for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
     _warn_rank(map_reports)
-    variances = frozenset(pp.target.name for pp in pairs if pp.target.rule == "variance")
-    return Update(deltas, values, reports, map_reports, tuple(skipped), variances), timings
+    return Update(deltas, values, reports, map_reports, tuple(skipped), scales), timings
 
 
 def _left_out(role: ParamRole, method: str, depthwise: str, embeddings: str) -> str | None:
@@ -246,12 +248,15 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
     target_state = target.state_dict()
     deltas: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
+    scales: dict[str, Tensor] = {}
     reports = []
     for pp in pairs:
         role_t, role_s = pp.target, pp.source
         current = _role_tensor(target_state, role_t)
         if role_t.rule in ("head", "head_bias"):
             source_value = _role_tensor(finetuned, role_s).double()
+        elif role_t.rule == "variance" and role_s.name in tau:
+            source_value = _log_ratio(_role_tensor(finetuned, role_s), _role_tensor(tau, role_s))
         elif role_s.name in tau:
             source_value = _role_tensor(tau, role_s).double()
         else:
@@ -261,8 +266,9 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
         device = t_out.map.device if t_out else (t_in.map.device if t_in else current.device)
         new = _apply_rule(role_t, source_value.to(device), current.shape, method,
                           t_out.map if t_out else None, t_in.map if t_in else None)
-        whole = values if role_t.rule in ("head", "head_bias") else deltas
-        _place(whole, role_t, new, target_state)
+        store = (values if role_t.rule in ("head", "head_bias")
+                 else scales if role_t.rule == "variance" else deltas)
+        _place(store, role_t, new, target_state)
         reports.append(ParamReport(
             _display_name(role_t),
             role_t.role, role_t.rule if method != "slice" else "slice", role_s.name,
@@ -270,7 +276,20 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
             str(role_t.space_out) if role_t.space_out else None,
             str(role_t.space_in) if role_t.space_in else None,
             t_out.residual if t_out else None, t_in.residual if t_in else None))
-    return deltas, values, tuple(reports)
+    return deltas, values, scales, tuple(reports)
+
+
+def _log_ratio(finetuned: Tensor, tau: Tensor) -> Tensor:
+    """Per-channel ``log(v_finetuned / v_pretrained)`` of a variance (0 where either is 0).
+
+    Variances are moved as multiplicative changes: a mapped ratio keeps every target variance
+    positive (an additive delta turns small or dead target channels negative) and leaves dead
+    channels at 0.
+    """
+    after = finetuned.double()
+    before = after - tau.double()
+    ok = (before > 0) & (after > 0)
+    return torch.where(ok, torch.log(after.clamp_min(1e-300) / before.clamp_min(1e-300)), 0.0)
 
 
 def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> Tensor:
@@ -336,27 +355,24 @@ def target_tensors(target: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def apply_update(target: nn.Module, update: Update, alpha: float) -> dict[str, int]:
-    """Write ``theta + alpha * delta`` (computed in float64, cast once) and the replaced values.
+def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
+    """Write ``theta + alpha * delta`` (computed in float64, cast once), the replaced values and
+    the scaled variances ``theta * exp(alpha * log_scale)``.
 
-    Variances (BatchNorm running variances) are clamped at 0: a target channel whose variance is 0
-    would otherwise turn negative whenever the mapped source variances fell. All new values are
-    computed and checked first; the copy restores the old values if it fails. Returns the number of
-    clamped entries per parameter.
+    All new values are computed and checked first; the copy restores the old values if it fails.
     """
     live = target_tensors(target)
     new_values: dict[str, Tensor] = {}
-    clamped: dict[str, int] = {}
-    items = [*((n, d, True) for n, d in update.deltas.items()),
-             *((n, v, False) for n, v in update.values.items())]
-    for name, tensor, is_delta in items:
+    items = [*((n, d, "delta") for n, d in update.deltas.items()),
+             *((n, v, "value") for n, v in update.values.items()),
+             *((n, s, "scale") for n, s in (update.log_scales or {}).items())]
+    for name, tensor, kind in items:
         current = live[name]
         value = tensor.to(current.device)
-        if is_delta:
+        if kind == "delta":
             value = current.detach().double() + alpha * value
-        if name in update.nonnegative:
-            clamped[name] = int((value < 0).sum())
-            value = value.clamp_min(0.0)
+        elif kind == "scale":
+            value = current.detach().double() * torch.exp(alpha * value)
         if not torch.isfinite(value).all():
             raise ValueError(f"the transported value of {name} is not finite; nothing was "
                              "written. Check alpha and the calibration data.")
@@ -371,7 +387,6 @@ def apply_update(target: nn.Module, update: Update, alpha: float) -> dict[str, i
             for name, value in backup.items():
                 live[name].copy_(value)
         raise
-    return clamped
 
 
 def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[float, tuple]:
@@ -380,7 +395,8 @@ def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[flo
     if not grid or not all(math.isfinite(a) for a in grid):
         raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}.")
     live = target_tensors(target)
-    backup = {n: live[n].detach().clone() for n in (*update.deltas, *update.values)}
+    backup = {n: live[n].detach().clone()
+              for n in (*update.deltas, *update.values, *(update.log_scales or {}))}
     scores = []
 
     def restore() -> None:
