@@ -18,6 +18,7 @@ Every arm uses the same fit config and seed; only the transport differs.
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,10 @@ def _cli(fit_configs, extra_args: list[str]):
     from .cli import WarmstartCLI
 
     args = [a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args
-    return WarmstartCLI(args=args, run=False)
+    with warnings.catch_warnings():
+        # Runs are built from Python on purpose; the command line was already parsed.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return WarmstartCLI(args=args, run=False)
 
 
 def ensure_source(config: CompareConfig, console: Console) -> str:
