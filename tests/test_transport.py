@@ -273,3 +273,43 @@ def test_transport_is_bit_identical_when_repeated():
         transport(source, finetuned, target, _calibration(), progress=False)
         results.append(_snapshot(target))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_bn_recalibration_averages_batch_statistics_of_the_transported_target():
+    source = TinyCNN()
+    finetuned = _perturbed(source)
+    target = TinyCNN()
+    images = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    report = transport(source, finetuned, target, images, bn_recalibration=2, progress=False)
+    assert report.options["bn_recalibration"] == 2
+    with torch.no_grad():
+        feats = [target.conv(x) for x in images[:2]]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(target.bn.running_mean, mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(target.bn.running_var, var, atol=1e-5, rtol=1e-4)
+    assert target.bn.momentum == 0.1 and target.training
+
+
+def test_bn_recalibration_errors_leave_the_target_untouched():
+    source, target = TinyCNN(), TinyCNN()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match="bn_recalibration must be a number of batches >= 0"):
+        transport(source, _perturbed(source), target, [torch.randn(4, 3, 8, 8)],
+                  bn_recalibration=-1, progress=False)
+    generator = (torch.randn(8, 3, 8, 8) for _ in range(2))
+    with pytest.raises(ValueError, match="not a generator"):
+        transport(source, _perturbed(source), target, generator, bn_recalibration=1,
+                  progress=False)
+    assert _unchanged(target, before)

@@ -60,8 +60,9 @@ class TaskVectorTransport(Callback):
         calibration_batches: training batches used to align activations.
         alpha: strength, or ``auto`` to pick it from ``alpha_grid`` by validation loss on
             ``alpha_val_batches`` validation batches (forward passes only).
-        center, whiten, completion, depthwise, embeddings, depth_mapping, strict: transport
-            options (see :func:`warmstart.transport`).
+        center, whiten, completion, depthwise, embeddings, depth_mapping, bn_recalibration,
+            strict: transport options (see :func:`warmstart.transport`); ``bn_recalibration``
+            re-estimates BatchNorm statistics from that many of the calibration batches.
         source_model_kwargs: extra arguments for building the source (e.g. a tiny timm ViT's size).
         target_attribute: attribute of the LightningModule that holds the target network.
     """
@@ -81,6 +82,7 @@ class TaskVectorTransport(Callback):
         depthwise: Literal["diagonal", "zero"] = "diagonal",
         embeddings: Literal["zero", "map"] = "zero",
         depth_mapping: list[int] | None = None,
+        bn_recalibration: int = 0,
         strict: bool = True,
         source_model_kwargs: dict[str, Any] | None = None,
         target_attribute: str = "model",
@@ -94,7 +96,7 @@ class TaskVectorTransport(Callback):
             str(source_pretrained), str(source_finetuned), method, int(calibration_batches),
             alpha, tuple(alpha_grid or DEFAULT_ALPHA_GRID), int(alpha_val_batches), bool(center),
             float(whiten), completion, depthwise, embeddings,
-            tuple(depth_mapping) if depth_mapping else None, bool(strict),
+            tuple(depth_mapping) if depth_mapping else None, int(bn_recalibration), bool(strict),
             dict(source_model_kwargs or {}), target_attribute,
         )
         self.config.check()

@@ -10,7 +10,9 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -21,6 +23,7 @@ from .activations import collect_statistics
 from .families import describe_model
 from .families.base import ModelLayout, ParamRole, SpaceKey
 from .matching import DepthMapping, Matching, match
+from .norms import batchnorm_layers, recalibrate_batchnorm
 from .procrustes import Completion, ProcrustesMap, procrustes_map
 from .task_vector import as_state_dict, task_vector
 from .transport_report import MapReport, ParamReport, TransportReport
@@ -82,6 +85,7 @@ def transport(
     depthwise: Literal["diagonal", "zero"] = "diagonal",
     embeddings: Literal["zero", "map"] = "zero",
     depth_mapping: DepthMapping = None,
+    bn_recalibration: int = 0,
     strict: bool = True,
     max_batches: int | None = None,
     source_family: str | None = None,
@@ -110,9 +114,16 @@ def transport(
             them at the target's weights.
         embeddings: ``zero`` (the method's default) or ``map`` (feature dimension mapped).
         depth_mapping: explicit source block per target block (see ``matching.map_blocks``).
+        bn_recalibration: after the update, re-estimate the target's BatchNorm running statistics
+            from this many calibration batches (forward passes only; 0 = off). Also used inside
+            each ``alpha="auto"`` trial.
         strict: error on parameters that cannot be matched; when False they are skipped and listed.
     """
     check_options(method, alpha, whiten, depthwise, embeddings)
+    if isinstance(bn_recalibration, bool) or not isinstance(bn_recalibration, int) \
+            or bn_recalibration < 0:
+        raise ValueError(f"bn_recalibration must be a number of batches >= 0, got "
+                         f"{bn_recalibration!r}.")
     if alpha == "auto" and evaluate is None:
         raise ValueError("alpha='auto' needs evaluate=<callable(model) -> validation loss>.")
     started = time.perf_counter()
@@ -125,15 +136,19 @@ def transport(
         source_pretrained, finetuned, target, layout_s, layout_t, matching, calibration,
         target_calibration, method, opts, depthwise, embeddings, strict, max_batches, progress,
     )
+    finish = _recalibration(target, layout_t, calibration, target_calibration, bn_recalibration)
     scores: tuple[tuple[float, float], ...] = ()
     if alpha == "auto":
-        alpha, scores = select_alpha(target, update, evaluate, alpha_grid)
+        alpha, scores = select_alpha(target, update, evaluate, alpha_grid, finish)
     t0 = time.perf_counter()
-    apply_update(target, update, float(alpha))
+    with _restored_on_error(target, update):
+        apply_update(target, update, float(alpha))
+        finish()
     timings["apply"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     options = dict(method=method, center=center, whiten=whiten, completion=completion,
                    depthwise=depthwise, embeddings=embeddings, strict=strict,
+                   bn_recalibration=bn_recalibration,
                    max_batches=max_batches)
     return TransportReport(
         method, float(alpha), layout_s.family, layout_t.family,
@@ -383,34 +398,65 @@ def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
             for name, value in new_values.items():
                 live[name].copy_(value)
     except BaseException:
-        with torch.no_grad():
-            for name, value in backup.items():
-                live[name].copy_(value)
+        _restore(target, backup)
         raise
 
 
-def select_alpha(target: nn.Module, update: Update, evaluate, grid) -> tuple[float, tuple]:
-    """Best alpha of ``grid`` by ``evaluate(target)`` (lower is better); target restored after."""
+def _recalibration(target, layout, calibration, target_calibration, n_batches: int):
+    """What to run after each write: BatchNorm recalibration on ``n_batches``, or nothing."""
+    if n_batches == 0 or not batchnorm_layers(target):
+        return lambda: None
+    source = target_calibration if target_calibration is not None else calibration
+    if source is None:
+        raise ValueError("bn_recalibration needs calibration inputs; pass calibration=...")
+    batches = list(islice(source, n_batches))  # re-iterable for every alpha trial
+    return lambda: recalibrate_batchnorm(target, layout, batches)
+
+
+def _touched(target: nn.Module, update: Update) -> dict[str, Tensor]:
+    """Backups of everything a write (and a BatchNorm recalibration) may change."""
+    live = target_tensors(target)
+    names = {*update.deltas, *update.values, *(update.log_scales or {})}
+    names |= {n for n, b in target.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    return {n: live[n].detach().clone() for n in names if n in live}
+
+
+@contextmanager
+def _restored_on_error(target: nn.Module, update: Update):
+    backup = _touched(target, update)
+    try:
+        yield
+    except BaseException:
+        _restore(target, backup)
+        raise
+
+
+def _restore(target: nn.Module, backup: Mapping[str, Tensor]) -> None:
+    live = target_tensors(target)
+    with torch.no_grad():
+        for name, value in backup.items():
+            live[name].copy_(value)
+
+
+def select_alpha(target: nn.Module, update: Update, evaluate, grid,
+                 finish=lambda: None) -> tuple[float, tuple]:
+    """Best alpha of ``grid`` by ``evaluate(target)`` (lower is better); target restored after.
+
+    ``finish`` runs after each trial write (e.g. BatchNorm recalibration).
+    """
     grid = [float(a) for a in grid]
     if not grid or not all(math.isfinite(a) for a in grid):
         raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}.")
-    live = target_tensors(target)
-    backup = {n: live[n].detach().clone()
-              for n in (*update.deltas, *update.values, *(update.log_scales or {}))}
+    backup = _touched(target, update)
     scores = []
-
-    def restore() -> None:
-        with torch.no_grad():
-            for name, value in backup.items():
-                live[name].copy_(value)
-
     try:
         for a in grid:
             apply_update(target, update, a)
+            finish()
             scores.append((a, float(evaluate(target))))
-            restore()
+            _restore(target, backup)
     finally:
-        restore()
+        _restore(target, backup)
     finite = [s for s in scores if math.isfinite(s[1])]
     if not finite:
         raise ValueError(f"every alpha in {grid} gave a non-finite validation loss.")

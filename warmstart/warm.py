@@ -44,12 +44,15 @@ class TransportConfig:
     depthwise: Literal["diagonal", "zero"] = "diagonal"
     embeddings: Literal["zero", "map"] = "zero"
     depth_mapping: tuple[int, ...] | None = None
+    bn_recalibration: int = 0
     strict: bool = True
     source_model_kwargs: dict[str, Any] = field(default_factory=dict)
     target_attribute: str = "model"
 
     def check(self) -> None:
         check_options(self.method, self.alpha, self.whiten, self.depthwise, self.embeddings)
+        if self.bn_recalibration < 0:
+            raise ValueError(f"bn_recalibration must be >= 0 batches, got {self.bn_recalibration}.")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}.")
         if self.alpha == "auto" and self.alpha_val_batches < 1:
@@ -180,6 +183,6 @@ def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[di
         evaluate=evaluate_fn, center=config.center, whiten=config.whiten,
         completion=config.completion, depthwise=config.depthwise, embeddings=config.embeddings,
         depth_mapping=list(config.depth_mapping) if config.depth_mapping else None,
-        strict=config.strict, progress=progress,
+        bn_recalibration=config.bn_recalibration, strict=config.strict, progress=progress,
     )
 
