@@ -166,7 +166,7 @@ def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[di
     source, finetuned = load_source(config, head_classes(target), source_module)
     source.to(pl_module.device)
     calibration, target_calibration = (None, None)
-    if config.method != "slice":
+    if config.method != "slice" or config.bn_recalibration > 0:
         calibration, target_calibration = calibration_pairs(
             train_batches, pl_module,
             None if source_module is not None else config.source_pretrained,
