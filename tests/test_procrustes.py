@@ -158,3 +158,21 @@ def test_bad_input_raises_clear_errors():
     bad.update(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2))
     with pytest.raises(ValueError, match="NaN or Inf"):
         procrustes_map(bad)
+
+
+@pytest.mark.parametrize("d_s,d_t", [(8, 12), (12, 8), (10, 10)])
+def test_completion_equals_the_projected_crop_map(d_s, d_t):
+    g = torch.Generator().manual_seed(15)
+    a = torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, d_s, generator=g, dtype=torch.float64)  # rank 3 on the source side
+    b = torch.randn(60, d_t, generator=g, dtype=torch.float64)
+    stats = _stats(a, b)
+    partial = procrustes_map(stats).map
+    free_s = torch.eye(d_s, dtype=torch.float64) - partial @ partial.T
+    free_t = torch.eye(d_t, dtype=torch.float64) - partial.T @ partial
+    filler, _ = polar_factor(free_s @ crop_map(d_s, d_t) @ free_t)
+    completed = procrustes_map(stats, completion="crop")
+    torch.testing.assert_close(completed.map, partial + filler, atol=1e-10, rtol=0)
+    narrow = completed.map @ completed.map.T if d_s <= d_t else completed.map.T @ completed.map
+    torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
+                               atol=1e-10, rtol=0)

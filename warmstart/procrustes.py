@@ -140,6 +140,13 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
     ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the
     data.
     """
+    factor, rank, _ = _polar(matrix, rank_rtol)
+    return factor, rank
+
+
+def _polar(matrix: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
+    """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
+    the narrow side (in R^rows when rows <= columns, else in R^columns)."""
     m = matrix.double()
     # The eigendecomposition of the narrow-side Gram (C C^T when d_source <= d_target) gives U and
     # S^2; U S^-1 U^T C = U V^T then needs no V. On CPU this is about twice as fast as a thin SVD
@@ -149,11 +156,11 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
     evals, evecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
     s = evals.clamp_min(0.0).sqrt()
     if s.numel() == 0 or float(s[-1]) == 0.0:
-        return torch.zeros_like(m), 0
+        return torch.zeros_like(m), 0, evecs
     keep = s > rank_rtol * s[-1]
     u, inv = evecs[:, keep], 1.0 / s[keep]
     factor = (u * inv) @ (u.T @ m) if wide else ((m @ u) * inv) @ u.T
-    return factor, int(keep.sum())
+    return factor, int(keep.sum()), evecs[:, ~keep]
 
 
 def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
@@ -217,22 +224,33 @@ def procrustes_map(
     if whiten > 0:
         cross = (_inverse_root(gram_s, whiten, eig_floor) @ cross
                  @ _inverse_root(gram_t, whiten, eig_floor))
-    transport, rank = polar_factor(cross, rank_rtol)
+    transport, rank, free = _polar(cross, rank_rtol)
     completed = 0
     if completion == "crop" and rank < min(cross.shape):
-        transport, completed = _complete(transport, rank_rtol)
+        transport, completed = _complete(transport, free, rank_rtol)
     residual, alignment = _fit_quality(stats, transport, center)
     return ProcrustesMap(transport, rank, n, residual, alignment, completed)
 
 
-def _complete(partial: Tensor, rank_rtol: float) -> tuple[Tensor, int]:
+def _complete(partial: Tensor, free: Tensor, rank_rtol: float) -> tuple[Tensor, int]:
+    """Add the polar factor of the crop map restricted to the undetermined directions.
+
+    ``free`` [d_narrow, k] spans the narrow side's undetermined directions; the other side's are
+    the complement of ``partial``'s span. Working in the k-dimensional basis keeps this to thin
+    products and a k x k eigendecomposition.
+    """
     d_s, d_t = partial.shape
-    # Projectors onto the directions the data did not determine, on each side.
-    free_s = torch.eye(d_s, dtype=partial.dtype, device=partial.device) - partial @ partial.T
-    free_t = torch.eye(d_t, dtype=partial.dtype, device=partial.device) - partial.T @ partial
-    filler, added = polar_factor(free_s @ crop_map(d_s, d_t, device=partial.device) @ free_t,
-                                 rank_rtol)
-    return partial + filler, added
+    if d_s <= d_t:
+        restricted = torch.zeros(free.shape[1], d_t, dtype=partial.dtype, device=partial.device)
+        restricted[:, :d_s] = free.T  # free^T (crop map)
+        restricted -= (restricted @ partial.T) @ partial  # ... then off the target's used span
+        filler, added = polar_factor(restricted, rank_rtol)
+        return partial + free @ filler, added
+    restricted = torch.zeros(d_s, free.shape[1], dtype=partial.dtype, device=partial.device)
+    restricted[:d_t] = free  # (crop map) free
+    restricted -= partial @ (partial.T @ restricted)
+    filler, added = polar_factor(restricted, rank_rtol)
+    return partial + filler @ free.T, added
 
 
 def _fit_quality(stats: CrossStatistics, transport: Tensor, center: bool) -> tuple[float, float]:
