@@ -117,7 +117,10 @@ class _SplitData(lightning.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # The split depends on `seed` only; the shuffle order also follows the global seed
+        # (`seed_everything`), so runs with different seeds see the data in different orders.
+        generator = (torch.Generator().manual_seed(self.seed * 1_000_003 + torch.initial_seed())
+                     if shuffle else None)
         return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
                           generator=generator, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
