@@ -191,3 +191,28 @@ def norm_params(module_name: str, role: str, block: BlockId | None, space: Space
         out.append(ParamRole(join(module_name, "running_var"), f"{role}.running_var", block,
                              "variance", space))
     return out
+
+
+def transformer_block_spaces(bid: BlockId, d: int, d_hidden: int, qkv: tuple[Point, Point, Point],
+                             attn_out: str, mlp_in: str, mlp_out: str,
+                             extra_resid: tuple[Point, ...] = ()) -> list[Space]:
+    """The five spaces of a transformer block, shared by the transformer families.
+
+    ``qkv``: the output points of the query, key and value projections (slices of one fused
+    module, or three modules); ``attn_out`` / ``mlp_in`` / ``mlp_out``: module names of the
+    attention output projection and the two MLP layers. The residual stream is observed where
+    attention reads it (the query projection's input) and where both sub-layers write into it; the
+    value heads share coordinates with the output projection's input; the MLP hidden layer with
+    the second layer's input.
+    """
+    q, k, v = qkv
+    resid = (Point(q.module, "in", "attn_in"), Point(attn_out, "out", "attn_out"),
+             Point(mlp_in, "in", "mlp_in"), Point(mlp_out, "out", "mlp_out"), *extra_resid)
+    return [
+        Space(SpaceKey(bid, "resid"), d, resid),
+        Space(SpaceKey(bid, "attn_q"), d, (q,)),
+        Space(SpaceKey(bid, "attn_k"), d, (k,)),
+        Space(SpaceKey(bid, "attn_v"), d, (v, Point(attn_out, "in", "consumer"))),
+        Space(SpaceKey(bid, "mlp_hidden"), d_hidden,
+              (Point(mlp_in, "out", "fc1_out"), Point(mlp_out, "in", "fc2_in"))),
+    ]

@@ -23,6 +23,7 @@ from .base import (
     join,
     linear_params,
     norm_params,
+    transformer_block_spaces,
 )
 
 
@@ -73,27 +74,17 @@ def describe_encoder(model: nn.Module, family: str, cls: type, names: EncoderNam
         p = join(prefix, f"{names.layers}.{bid.index}")
         resid, hidden = SpaceKey(bid, "resid"), SpaceKey(bid, "mlp_hidden")
         q, k, v = (SpaceKey(bid, f"attn_{n}") for n in "qkv")
-        resid_points = [
-            Point(f"{p}.{names.query}", "in", "attn_in"),
-            Point(f"{p}.{names.attn_out}", "out", "attn_out"),
-            Point(f"{p}.{names.mlp_in}", "in", "mlp_in"),
-            Point(f"{p}.{names.mlp_out}", "out", "mlp_out"),
-        ]
+        extra = []
         if bid == blocks[-1]:
             if head is not None:
-                resid_points.append(Point(head[0], "in", "head_in"))
+                extra.append(Point(head[0], "in", "head_in"))
             if _has(encoder, names.pooler):
-                resid_points.append(Point(join(prefix, names.pooler), "in", "pooler_in"))
-        d_hidden = layer.get_submodule(names.mlp_in).out_features
-        spaces += [
-            Space(resid, d, tuple(resid_points)),
-            Space(q, d, (Point(f"{p}.{names.query}", "out", "proj"),)),
-            Space(k, d, (Point(f"{p}.{names.key}", "out", "proj"),)),
-            Space(v, d, (Point(f"{p}.{names.value}", "out", "proj"),
-                         Point(f"{p}.{names.attn_out}", "in", "consumer"))),
-            Space(hidden, d_hidden, (Point(f"{p}.{names.mlp_in}", "out", "fc1_out"),
-                                     Point(f"{p}.{names.mlp_out}", "in", "fc2_in"))),
-        ]
+                extra.append(Point(join(prefix, names.pooler), "in", "pooler_in"))
+        projections = tuple(Point(f"{p}.{m}", "out", "proj")
+                            for m in (names.query, names.key, names.value))
+        spaces += transformer_block_spaces(
+            bid, d, layer.get_submodule(names.mlp_in).out_features, projections,
+            f"{p}.{names.attn_out}", f"{p}.{names.mlp_in}", f"{p}.{names.mlp_out}", tuple(extra))
         for module, role, out_space, in_space in (
             (names.query, "attn.q", q, resid),
             (names.key, "attn.k", k, resid),

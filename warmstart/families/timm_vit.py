@@ -18,6 +18,7 @@ from .base import (
     SpaceKey,
     linear_params,
     norm_params,
+    transformer_block_spaces,
 )
 
 
@@ -47,25 +48,12 @@ def describe(model: nn.Module) -> ModelLayout:
         p = f"blocks.{bid.index}"
         resid, hidden = SpaceKey(bid, "resid"), SpaceKey(bid, "mlp_hidden")
         q, k, v = (SpaceKey(bid, f"attn_{n}") for n in "qkv")
-        d_hidden = block.mlp.fc1.out_features
-        resid_points = [
-            Point(f"{p}.attn.qkv", "in", "attn_in"),
-            Point(f"{p}.attn.proj", "out", "attn_out"),
-            Point(f"{p}.mlp.fc1", "in", "mlp_in"),
-            Point(f"{p}.mlp.fc2", "out", "mlp_out"),
-        ]
-        if bid == blocks[-1]:
-            # Pooled features are in the coordinates of the tokens they pool.
-            resid_points.append(Point("head", "in", "head_in"))
-        spaces += [
-            Space(resid, d, tuple(resid_points)),
-            Space(q, d, (Point(f"{p}.attn.qkv", "out", "proj", features=(0, d)),)),
-            Space(k, d, (Point(f"{p}.attn.qkv", "out", "proj", features=(d, 2 * d)),)),
-            Space(v, d, (Point(f"{p}.attn.qkv", "out", "proj", features=(2 * d, 3 * d)),
-                         Point(f"{p}.attn.proj", "in", "consumer"))),
-            Space(hidden, d_hidden, (Point(f"{p}.mlp.fc1", "out", "fc1_out"),
-                                     Point(f"{p}.mlp.fc2", "in", "fc2_in"))),
-        ]
+        fused = tuple(Point(f"{p}.attn.qkv", "out", "proj", features=(j * d, (j + 1) * d))
+                      for j in range(3))
+        # Pooled features are in the coordinates of the tokens they pool.
+        extra = (Point("head", "in", "head_in"),) if bid == blocks[-1] else ()
+        spaces += transformer_block_spaces(bid, d, block.mlp.fc1.out_features, fused,
+                                           f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2", extra)
         qkv = block.attn.qkv
         for j, (name, space) in enumerate(zip("qkv", (q, k, v))):
             rows = (j * d, (j + 1) * d)
