@@ -24,7 +24,7 @@ def _stats(a: torch.Tensor, b: torch.Tensor, grams: bool = False) -> CrossStatis
     return s
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(d_s=st.integers(2, 24), extra=st.integers(0, 16), seed=st.integers(0, 10_000))
 def test_planted_map_is_recovered_when_widening(d_s, extra, seed):
     d_t = d_s + extra
@@ -38,7 +38,7 @@ def test_planted_map_is_recovered_when_widening(d_s, extra, seed):
     assert m.alignment == pytest.approx(1.0, abs=1e-10)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(d_s=st.integers(1, 20), d_t=st.integers(1, 20), seed=st.integers(0, 10_000))
 def test_orthonormal_on_the_narrow_side(d_s, d_t, seed):
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def test_orthonormal_on_the_narrow_side(d_s, d_t, seed):
     t = procrustes_map(_stats(a, b)).map
     narrow = t @ t.T if d_s <= d_t else t.T @ t
     torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
-                               atol=1e-10, rtol=0)
+                               atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("scale_s,scale_t", [(10.0, 1.0), (1.0, 1e-3), (7.5, 250.0)])

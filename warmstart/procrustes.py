@@ -158,9 +158,24 @@ def _polar(matrix: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
     if s.numel() == 0 or float(s[-1]) == 0.0:
         return torch.zeros_like(m), 0, evecs
     keep = s > rank_rtol * s[-1]
+    if float(s[keep].min()) < _EIGH_MAX_CONDITION ** -1 * float(s[-1]):
+        return _polar_svd(m, rank_rtol)
     u, inv = evecs[:, keep], 1.0 / s[keep]
     factor = (u * inv) @ (u.T @ m) if wide else ((m @ u) * inv) @ u.T
     return factor, int(keep.sum()), evecs[:, ~keep]
+
+
+# Above this condition number of the kept singular values, squaring them in the Gram would cost
+# orthonormality (error about eps * condition^2); such maps take the thin SVD instead.
+_EIGH_MAX_CONDITION = 1e3
+
+
+def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    keep = s > rank_rtol * s[0]
+    factor = u[:, keep] @ vh[keep]
+    free = u[:, ~keep] if m.shape[0] <= m.shape[1] else vh[~keep].T
+    return factor, int(keep.sum()), free
 
 
 def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
