@@ -146,32 +146,20 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
 
 def _polar(matrix: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
     """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
-    the narrow side (in R^rows when rows <= columns, else in R^columns)."""
-    m = matrix.double()
-    # The eigendecomposition of the narrow-side Gram (C C^T when d_source <= d_target) gives U and
-    # S^2; U S^-1 U^T C = U V^T then needs no V. On CPU this is about twice as fast as a thin SVD
-    # of C (3072 x 3584: 6 s against 11 s on 2 threads); squaring the singular values costs
-    # precision only far below any rank_rtol >= 1e-7 in float64.
-    wide = m.shape[0] <= m.shape[1]
-    evals, evecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
-    s = evals.clamp_min(0.0).sqrt()
-    if s.numel() == 0 or float(s[-1]) == 0.0:
-        return torch.zeros_like(m), 0, evecs
-    keep = s > rank_rtol * s[-1]
-    if float(s[keep].min()) < _EIGH_MAX_CONDITION ** -1 * float(s[-1]):
-        return _polar_svd(m, rank_rtol)
-    u, inv = evecs[:, keep], 1.0 / s[keep]
-    factor = (u * inv) @ (u.T @ m) if wide else ((m @ u) * inv) @ u.T
-    return factor, int(keep.sum()), evecs[:, ~keep]
+    the narrow side (in R^rows when rows <= columns, else in R^columns).
 
-
-# Above this condition number of the kept singular values, squaring them in the Gram would cost
-# orthonormality (error about eps * condition^2); such maps take the thin SVD instead.
-_EIGH_MAX_CONDITION = 1e3
+    A thin SVD in float64. Forming the narrow-side Gram and eigendecomposing it is twice as fast,
+    but real cross moments are ill-conditioned (kept singular values spanning 1e3 to 1e6), where
+    squaring them lost orthonormality (errors up to eps * condition^2), so it is not used.
+    """
+    return _polar_svd(matrix.double(), rank_rtol)
 
 
 def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        free = u if m.shape[0] <= m.shape[1] else vh.T
+        return torch.zeros_like(m), 0, free
     keep = s > rank_rtol * s[0]
     factor = u[:, keep] @ vh[keep]
     free = u[:, ~keep] if m.shape[0] <= m.shape[1] else vh[~keep].T
