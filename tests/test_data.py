@@ -76,6 +76,27 @@ def test_mnist_split_is_seeded():
 
 
 @needs_mnist
+def test_shuffled_train_loader_resumes_mid_epoch():
+    """The loader's position travels in its state_dict (Lightning stores it in checkpoints)."""
+    def loader():
+        data = ImageClassificationData(image_size=16, batch_size=8, train_limit=64, val_limit=8)
+        return data.train_dataloader()
+
+    torch.manual_seed(0)
+    first = loader()
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    expected = [b["label"] for b in it]
+    torch.manual_seed(123)  # the restored position does not depend on the RNG state
+    resumed = loader()
+    resumed.load_state_dict(state)
+    got = [b["label"] for b in resumed]
+    assert len(got) == len(expected) == 6
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@needs_mnist
 def test_mnist_batches():
     data = ImageClassificationData(image_size=40, batch_size=8, train_limit=16, val_limit=16)
     batch = next(iter(data.val_dataloader()))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from warmstart.data_sources import (
     _image_paths,
@@ -32,6 +32,10 @@ from warmstart.data_sources import (
     load_rotten_tomatoes,
     read_table,
 )
+
+# torchdata 0.11 calls a torch function that newer torch releases deprecate, once per iterator;
+# the warning says nothing about the user's run.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,22 +120,24 @@ class _SplitData(lightning.LightningDataModule):
         self.setup()
         return self._splits[name]
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool) -> StatefulDataLoader:
         # The split depends on `seed` only; the shuffle order also follows the global seed
         # (`seed_everything`), so runs with different seeds see the data in different orders.
+        # Stateful: Lightning stores the loader's position in each checkpoint, so a fit resumed
+        # from a mid-epoch checkpoint continues with the next batch instead of the epoch's first.
         generator = (torch.Generator().manual_seed(self.seed * 1_000_003 + torch.initial_seed())
                      if shuffle else None)
-        return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
+        return StatefulDataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
                           generator=generator, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader("test", shuffle=False)
 
 
