@@ -180,3 +180,19 @@ def test_callback_errors(tmp_path, source_pair):
     with pytest.raises(AttributeError, match="has no module attribute 'network'"):
         _trainer(tmp_path, [warm], max_steps=1).fit(module, train, val)
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+def test_reports_of_an_earlier_run_are_not_overwritten(tmp_path, source_pair, recwarn):
+    base, finetuned = source_pair
+    train, val = _loaders()
+    written = []
+    for _ in range(2):  # two fits into the same log directory
+        warm = TaskVectorTransport(base, finetuned, progress=False)
+        tracker = ConvergenceTracker(every_n_steps=5)
+        _trainer(tmp_path, [warm, tracker], max_steps=2).fit(MLPModule(_target(base)), train, val)
+        written.append((warm.report_path, tracker.written))
+    assert written[0] == (tmp_path / "transport_report.json", tmp_path / "curve.csv")
+    assert written[1] == (tmp_path / "transport_report-v1.json", tmp_path / "curve-v1.csv")
+    assert all(p.stat().st_size > 0 for pair in written for p in pair)
+    said = [str(w.message) for w in recwarn if "exists already" in str(w.message)]
+    assert len(said) == 2 and "transport_report-v1.json" in said[0] + said[1]

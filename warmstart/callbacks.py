@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,12 +13,28 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .matching import check_depth_mapping
 from .transport import DEFAULT_ALPHA_GRID
 from .warm import TransportConfig, evaluate, run_transport
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _unused_path(path: Path) -> Path:
+    """``path``, or ``<stem>-v1<suffix>``, ``-v2``... when a file from an earlier run is there.
+
+    Like Lightning's checkpoint names: an existing report is never overwritten silently.
+    """
+    candidate, version = path, 0
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    if version:
+        rank_zero_warn(f"warmstart: {path} exists already (an earlier run?); writing {candidate} "
+                       "instead of overwriting it.")
+    return candidate
 
 
 def _train_batches(trainer: L.Trainer):
@@ -65,6 +82,9 @@ class TaskVectorTransport(Callback):
             re-estimates BatchNorm statistics from that many of the calibration batches.
         source_model_kwargs: extra arguments for building the source (e.g. a tiny timm ViT's size).
         target_attribute: attribute of the LightningModule that holds the target network.
+        report_name: file name of the transport report in the run's log directory; a report left
+            there by an earlier run is kept (the new one goes to ``<name>-v1.json``, with a
+            warning); ``report_path`` holds the path used.
     """
 
     def __init__(
@@ -89,6 +109,10 @@ class TaskVectorTransport(Callback):
         report_name: str = "transport_report.json",
         progress: bool = True,
     ) -> None:
+        if isinstance(depth_mapping, Mapping):
+            raise TypeError(f"depth_mapping must be a list with one source block index per target "
+                            f"block (the callback takes no dict), got {depth_mapping!r}.")
+        check_depth_mapping(depth_mapping)
         self.source_module = source_pretrained if isinstance(source_pretrained, nn.Module) else None
         if self.source_module is not None:
             source_pretrained = f"<module {type(source_pretrained).__name__}>"
@@ -105,6 +129,7 @@ class TaskVectorTransport(Callback):
         self.applied = False
         self.applied_fingerprint: str | None = None
         self.report = None
+        self.report_path: Path | None = None  # where this run wrote its report
         self.seconds = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -134,8 +159,9 @@ class TaskVectorTransport(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
         if trainer.is_global_zero:
-            path = _log_dir(trainer) / self.report_name
-            self.report.write_json(path, overwrite=True)
+            path = _unused_path(_log_dir(trainer) / self.report_name)
+            self.report.write_json(path)
+            self.report_path = path
             rank_zero_info(f"warmstart: {self.config.method} transport took {self.seconds:.1f} s "
                            f"(alpha={self.report.alpha:g}); report: {path}")
 
@@ -161,6 +187,8 @@ class ConvergenceTracker(Callback):
         every_n_steps: evaluation interval in optimizer steps.
         max_val_batches: validation batches per evaluation (``None``: all).
         filename: CSV name inside the run's log directory (or ``path`` to place it anywhere).
+            A file left there by an earlier run is kept: the CSV then goes to ``<name>-v1.csv``
+            (``-v2``...) with a warning; ``written`` holds the path used.
     """
 
     def __init__(self, every_n_steps: int = 10, max_val_batches: int | None = None,
@@ -177,6 +205,7 @@ class ConvergenceTracker(Callback):
         self._clock = 0.0
         self._started = 0.0
         self._last_step = -1
+        self.written: Path | None = None  # where this run wrote its CSV
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -207,7 +236,8 @@ class ConvergenceTracker(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer, pl_module)
         if trainer.is_global_zero:
-            self.write(Path(self.path) if self.path else _log_dir(trainer) / self.filename)
+            path = Path(self.path) if self.path else _log_dir(trainer) / self.filename
+            self.written = self.write(_unused_path(path))
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

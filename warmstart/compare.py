@@ -113,14 +113,14 @@ def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) 
         shutil.rmtree(run_dir)
     cli = _cli(config.fit_config, [*config.overrides, "--seed_everything", str(seed),
                                    "--trainer.default_root_dir", str(run_dir)])
-    curve = run_dir / "curve.csv"
-    callbacks = [ConvergenceTracker(path=str(curve), **config.tracker)]
+    tracker = ConvergenceTracker(path=str(run_dir / "curve.csv"), **config.tracker)
+    callbacks = [tracker]
     if arm != "cold":
         options = {**config.transport, "source_finetuned": source_checkpoint, "method": arm}
         callbacks.insert(0, TaskVectorTransport(**options))
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return curve
+    return tracker.written
 
 
 def run_compare(config: CompareConfig, console: Console | None = None, overwrite: bool = False):
