@@ -43,6 +43,21 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def run_batch(model: nn.Module, inputs: Any, side: str, index: int) -> None:
+    """Run one calibration batch; a model that rejects it gets an error naming batch and model."""
+    try:
+        call_model(model, inputs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(
+            f"calibration batch {index} does not fit the {side} model ({type(model).__name__}): "
+            f"{type(err).__name__}: {err}. Calibration must yield that model's inputs only (no "
+            "labels): a tensor, a tuple of positional tensors or a mapping of keyword tensors; "
+            "pass target_calibration=... when the target takes other inputs than the source."
+        ) from err
+
+
 def prepare_inputs(model: nn.Module, layout: ModelLayout, batch: Any) -> tuple[Any, SequenceInfo]:
     if layout.prepare is not None:
         return layout.prepare(model, batch)
@@ -53,6 +68,13 @@ def move_to(batch: Any, model: nn.Module) -> Any:
     """``batch`` on ``model``'s device, floating tensors in its dtype (e.g. bf16 models)."""
     device, dtype = model_device(model), model_dtype(model)
     if isinstance(batch, Tensor):
+        if batch.is_meta and device.type != "meta":
+            raise ValueError(
+                f"a calibration tensor {tuple(batch.shape)} is on the meta device, which holds no "
+                f"data, so it cannot be moved to the model's device ({device}); build the "
+                "calibration batches from real data (on any device: they are moved to each "
+                "model's device automatically)."
+            )
         return batch.to(device, dtype) if batch.is_floating_point() else batch.to(device)
     if isinstance(batch, Mapping):
         return {k: move_to(v, model) for k, v in batch.items()}
@@ -279,8 +301,8 @@ def collect_statistics(
                                                        move_to(batch_s, source))
             inputs_t, infos["target"] = prepare_inputs(target, target_layout,
                                                        move_to(batch_t, target))
-            call_model(source, inputs_s)
-            call_model(target, inputs_t)
+            run_batch(source, inputs_s, "source", n_batches)
+            run_batch(target, inputs_t, "target", n_batches)
             stored.clear()
             n_batches += 1
     if n_batches == 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .activations import SpacePairing
 from .families.base import BlockId, ModelLayout, ParamRole, SpaceKey
@@ -52,7 +54,11 @@ def map_blocks(source: ModelLayout, target: ModelLayout,
     result: dict[BlockId, BlockId] = {}
     for stage_s, stage_t in zip(source.blocks, target.blocks):
         if stage_t and not stage_s:
-            raise ValueError(f"target stage {stage_t[0].stage} has blocks, the source's is empty.")
+            raise ValueError(
+                f"target ({target.family}) has {len(stage_t)} blocks in stage "
+                f"{stage_t[0].stage}, the source ({source.family}) none; only models with the "
+                "same stage structure can be paired (choose a source of the target's family)."
+            )
         for bid_t, i in zip(stage_t, relative_depth(len(stage_s), len(stage_t))):
             result[bid_t] = stage_s[i]
     if mapping is not None:
@@ -60,7 +66,34 @@ def map_blocks(source: ModelLayout, target: ModelLayout,
     return result
 
 
+def check_depth_mapping(mapping: Any) -> None:
+    """Types of an explicit depth mapping; its ranges are checked against the models later."""
+    if mapping is None:
+        return
+    if isinstance(mapping, Mapping):
+        pairs = list(mapping.items())
+    elif isinstance(mapping, (list, tuple)):
+        pairs = list(enumerate(mapping))
+    else:
+        raise TypeError(
+            f"depth_mapping must be a list with one source block index per target block, or a "
+            f"dict {{target block: source block}}, got {type(mapping).__name__} {mapping!r}."
+        )
+    bad = [(j, i) for j, i in pairs if not (_is_index(j) and _is_index(i))]
+    if bad:
+        shown = ", ".join(f"{j!r} -> {i!r}" for j, i in bad[:3])
+        raise TypeError(
+            f"depth_mapping entries must be integer block indices (target -> source), got "
+            f"{shown}; write e.g. [0, 0, 1] or {{2: 1}}."
+        )
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _explicit(source: ModelLayout, target: ModelLayout, mapping: DepthMapping) -> dict:
+    check_depth_mapping(mapping)
     flat_s = [b for stage in source.blocks for b in stage]
     flat_t = [b for stage in target.blocks for b in stage]
     if not isinstance(mapping, Mapping):

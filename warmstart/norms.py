@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import call_model, move_to, prepare_inputs
+from .activations import move_to, prepare_inputs, run_batch
 from .families.base import ModelLayout
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -44,7 +44,7 @@ def recalibrate_batchnorm(model: nn.Module, layout: ModelLayout, batches: Iterab
             m.train()
         for batch in batches:
             inputs, _ = prepare_inputs(model, layout, move_to(batch, model))
-            call_model(model, inputs)
+            run_batch(model, inputs, "target", used)
             used += 1
     finally:
         for m, training in flags:

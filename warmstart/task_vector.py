@@ -51,14 +51,20 @@ def _read_torch(path: Path) -> object:
     except Exception as err:  # corrupt pickles raise many types (EOFError, RuntimeError, ...)
         reason, hint = str(err), _EXPECTED
         if "Weights only load failed" in reason:
-            # torch's message spans many lines; its "WeightsUnpickler error" line names the object
-            found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", reason, re.M)
-            reason = (found.group(1) if found else reason.splitlines()[0]).rstrip(".")
-            hint = (
-                "it holds Python objects that torch.load(weights_only=True) refuses to run; if you "
-                "trust the file, load it with torch.load(path, weights_only=False) yourself and "
-                "pass its state dict (a Mapping) instead of the path"
-            )
+            # torch's message spans many lines; its "WeightsUnpickler error" line says what stopped
+            # it: a Python object (e.g. "Unsupported global") or bytes that are no pickle at all
+            # ("Unsupported operand", an invalid opcode)
+            found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", reason)
+            reason = (found.group(1) if found and found.group(1) else "").rstrip(".")
+            if reason and not reason.startswith("Unsupported operand"):
+                hint = (
+                    "it holds Python objects that torch.load(weights_only=True) refuses to run; if "
+                    "you trust the file, load it with torch.load(path, weights_only=False) "
+                    "yourself and pass its state dict (a Mapping) instead of the path"
+                )
+        if hint == _EXPECTED:
+            first = reason.strip().splitlines()[0] if reason.strip() else type(err).__name__
+            reason = f"the file is damaged or not a torch checkpoint ({first})"
         raise ValueError(f"could not read checkpoint {path}: {reason}; {hint}") from err
 
 
@@ -208,7 +214,8 @@ def _prefix_hint(pretrained: Mapping, finetuned: Mapping) -> str:
         heads = {k.split(".", 1)[0] for k in longer}
         if len(heads) == 1 and "." in next(iter(longer)):
             head = heads.pop() + "."
-            if {k[len(head) :] for k in longer} == set(shorter):
+            stripped = {k[len(head) :] for k in longer}
+            if set(shorter) <= stripped or stripped <= set(shorter):  # a task head may be left out
                 return f" (the {name} keys all start with {head!r}: pass prefix={head!r})"
     return ""
 

@@ -7,6 +7,7 @@ fails, so after any error the target is bit-for-bit what it was.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +23,7 @@ from . import rules
 from .activations import collect_statistics
 from .families import describe_model
 from .families.base import ModelLayout, ParamRole, SpaceKey
-from .matching import DepthMapping, Matching, match
+from .matching import DepthMapping, Matching, check_depth_mapping, match
 from .norms import batchnorm_layers, recalibrate_batchnorm
 from .procrustes import Completion, ProcrustesMap, procrustes_map
 from .task_vector import as_state_dict, task_vector
@@ -54,12 +55,76 @@ class Update:
     log_scales: Mapping[str, Tensor] | None = None  # variances: theta * exp(alpha * log_scale)
 
 
+_NEGATIVE_ALPHA = ("{}: the task head is replaced by the finetuned head whatever alpha is, so a "
+                   "negative alpha would move the body away from the task its head predicts; use "
+                   "alpha=0 to transport the head alone.")
+
+
+def check_alpha_grid(grid: Iterable[float]) -> list[float]:
+    """The grid for ``alpha="auto"`` as floats: non-empty, finite, >= 0."""
+    try:
+        values = [float(a) for a in grid]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}."
+                         ) from err
+    if not values or not all(math.isfinite(a) for a in values):
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {values!r}.")
+    if min(values) < 0:
+        raise ValueError(_NEGATIVE_ALPHA.format(f"alpha_grid values must be >= 0, got {values!r}"))
+    return values
+
+
+def check_models(source_pretrained: Any, target: Any) -> None:
+    """Both models must be modules that hold data (not on the meta device)."""
+    for arg, model, fix in (
+        ("source_pretrained", source_pretrained, "build the source model and load its pretrained "
+         "weights; a checkpoint path is accepted for source_finetuned only"),
+        ("target", target, "pass the model itself (it is updated in place), not its state dict "
+         "or a path"),
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{arg} must be an nn.Module, got "
+                            f"{type(model).__name__} {_short(model)}; {fix}.")
+        on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"{arg} has {len(on_meta)} tensor(s) on the meta device, which hold no data "
+                f"(e.g. {on_meta[0]!r}); materialize the model before transporting (e.g. "
+                "model.to_empty(device='cpu') and load its weights, or build it without "
+                "device='meta').")
+
+
+def check_calibration(arg: str, calibration: Any) -> None:
+    """An iterable of batches; a lone batch (a tensor or a mapping) is the usual slip."""
+    if calibration is None:
+        return
+    if isinstance(calibration, (Tensor, Mapping)):
+        what = (f"one Tensor of shape {tuple(calibration.shape)}"
+                if isinstance(calibration, Tensor) else "one mapping (a single batch)")
+        raise TypeError(f"{arg} must be an iterable of batches, got {what}; wrap a single batch "
+                        f"in a list ([batch]) or pass a DataLoader.")
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"{arg} must be an iterable of batches (a list of model inputs or a "
+                        f"DataLoader), got {type(calibration).__name__} {_short(calibration)}.")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"with {len(value)} entries"
+    text = repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return text  # a path is worth reading in full
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                             or not math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number or 'auto', got {alpha!r}.")
+    if alpha != "auto" and alpha < 0:
+        raise ValueError(_NEGATIVE_ALPHA.format(f"alpha must be >= 0, got {alpha!r}"))
     if not isinstance(whiten, (int, float)) or not 0.0 <= whiten <= 0.5:
         raise ValueError(f"whiten must be a power in [0, 0.5], got {whiten!r}.")
     if depthwise not in ("diagonal", "zero"):
@@ -126,8 +191,18 @@ def transport(
                          f"{bn_recalibration!r}.")
     if alpha == "auto" and evaluate is None:
         raise ValueError("alpha='auto' needs evaluate=<callable(model) -> validation loss>.")
+    if alpha == "auto":
+        alpha_grid = check_alpha_grid(alpha_grid)
+    if max_batches is not None and (isinstance(max_batches, bool)
+                                    or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be None (all batches) or a number of batches >= 1, "
+                         f"got {max_batches!r}.")
+    check_depth_mapping(depth_mapping)
+    check_calibration("calibration", calibration)
+    check_calibration("target_calibration", target_calibration)
+    check_models(source_pretrained, target)
     started = time.perf_counter()
-    finetuned = as_state_dict(source_finetuned)
+    finetuned = _checked_finetuned(as_state_dict(source_finetuned))
     layout_s = describe_model(source_pretrained, source_family)
     layout_t = describe_model(target, target_family)
     matching = match(layout_s, layout_t, depth_mapping)
@@ -157,6 +232,30 @@ def transport(
     )
 
 
+def _checked_finetuned(finetuned: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The finetuned weights must hold data and be finite (a diverged run gives NaN weights)."""
+    on_meta = sorted(k for k, v in finetuned.items() if v.is_meta)
+    if on_meta:
+        raise ValueError(f"source_finetuned has {len(on_meta)} tensor(s) on the meta device, which "
+                         f"hold no data (e.g. {on_meta[0]!r}); pass real weights.")
+    bad = sorted(k for k, v in finetuned.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(
+            f"source_finetuned holds NaN or Inf in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the fine-tuning diverged or the checkpoint is "
+            "damaged: use an earlier checkpoint of the run.")
+    return finetuned
+
+
+def _warn_zero(tau: Mapping[str, Tensor]) -> None:
+    if tau and all(not bool(v.any()) for v in tau.values()):
+        warnings.warn(
+            f"the task vector is zero: source_finetuned equals source_pretrained on all "
+            f"{len(tau)} shared tensors, so only the task head is transported; check that "
+            "source_finetuned is the fine-tuned checkpoint, not the base model.", stacklevel=4)
+
+
 def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: ModelLayout,
                    matching: Matching, calibration, target_calibration, method: str,
                    opts: MapOptions, depthwise: str, embeddings: str, strict: bool,
@@ -166,6 +265,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     pretrained = as_state_dict(source)
     head_names = {p.name for p in layout_s.params if p.rule in ("head", "head_bias")}
     tau = task_vector(pretrained, finetuned, ignore=head_names)
+    _warn_zero(tau)
     skipped = _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict)
     pairs = []
     for pp in matching.params:
@@ -192,10 +292,10 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
             max_batches=max_batches, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        maps = {k: procrustes_map(s, center=opts.center, whiten=opts.whiten,
-                                  completion=opts.completion, rank_rtol=opts.rank_rtol)
-                for k, s in stats.items()}
-        del stats  # the maps are all that is needed from here on
+        maps = {}
+        for key in list(stats):  # each space's statistics are freed once its map exists
+            maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
+                                       completion=opts.completion, rank_rtol=opts.rank_rtol)
         timings["maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,
@@ -388,10 +488,12 @@ def apply_update(target: nn.Module, update: Update, alpha: float) -> None:
             value = current.detach().double() + alpha * value
         elif kind == "scale":
             value = current.detach().double() * torch.exp(alpha * value)
+        value = value.to(dtype=current.dtype)  # checked after the cast: fp16 overflows at 65504
         if not torch.isfinite(value).all():
-            raise ValueError(f"the transported value of {name} is not finite; nothing was "
-                             "written. Check alpha and the calibration data.")
-        new_values[name] = value.to(dtype=current.dtype)
+            raise ValueError(f"the transported value of {name} is not finite in "
+                             f"{current.dtype}; nothing was written. Check alpha and the "
+                             "calibration data.")
+        new_values[name] = value
     backup = {name: live[name].detach().clone() for name in new_values}
     try:
         with torch.no_grad():
@@ -444,9 +546,7 @@ def select_alpha(target: nn.Module, update: Update, evaluate, grid,
 
     ``finish`` runs after each trial write (e.g. BatchNorm recalibration).
     """
-    grid = [float(a) for a in grid]
-    if not grid or not all(math.isfinite(a) for a in grid):
-        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}.")
+    grid = check_alpha_grid(grid)
     backup = _touched(target, update)
     scores = []
     try:

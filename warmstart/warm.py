@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .matching import check_depth_mapping
 from .models import build_model, tokenizer_for
 from .task_vector import load_state_dict
-from .transport import DEFAULT_ALPHA_GRID, check_options, transport
+from .transport import DEFAULT_ALPHA_GRID, check_alpha_grid, check_options, transport
 from .transport_report import TransportReport
 
 
@@ -51,6 +52,9 @@ class TransportConfig:
 
     def check(self) -> None:
         check_options(self.method, self.alpha, self.whiten, self.depthwise, self.embeddings)
+        if self.alpha == "auto":
+            check_alpha_grid(self.alpha_grid)
+        check_depth_mapping(self.depth_mapping)
         if self.bn_recalibration < 0:
             raise ValueError(f"bn_recalibration must be >= 0 batches, got {self.bn_recalibration}.")
         if self.calibration_batches < 1:
@@ -73,10 +77,11 @@ class TransportConfig:
 def target_module(pl_module: nn.Module, attribute: str) -> nn.Module:
     module = getattr(pl_module, attribute, None)
     if not isinstance(module, nn.Module):
+        found = "" if module is None else f" (it is a {type(module).__name__})"
         raise AttributeError(
-            f"{type(pl_module).__name__} has no module attribute {attribute!r} to transport into; "
-            "set target_attribute to the attribute that holds the network (warmstart's "
-            "Classifier uses 'model')."
+            f"{type(pl_module).__name__} has no module attribute {attribute!r}{found} to "
+            "transport into; set target_attribute to the attribute that holds the network "
+            "(warmstart's Classifier uses 'model')."
         )
     return module
 

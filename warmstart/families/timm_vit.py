@@ -33,6 +33,9 @@ def _is_vit(model: nn.Module) -> bool:
 def _prepare(model: nn.Module, images: Any) -> tuple[Any, SequenceInfo]:
     """Resize calibration images to the model's own input size; describe its token layout."""
     size = tuple(model.patch_embed.img_size)
+    if isinstance(images, Tensor) and images.ndim != 4:
+        raise ValueError(f"ViT calibration batches must be images [B, C, H, W], got a tensor of "
+                         f"shape {tuple(images.shape)}; pass the image tensors (no labels).")
     if isinstance(images, Tensor) and tuple(images.shape[-2:]) != size:
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     info = SequenceInfo(prefix=model.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
