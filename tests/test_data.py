@@ -112,6 +112,38 @@ def test_mnist_batches():
     assert len(data.train_dataloader()) == 2
 
 
+@needs_mnist
+def test_mnist_classes_keeps_those_digits_and_relabels_them_in_order():
+    data = ImageClassificationData(image_size=8, batch_size=4096, classes=[7, 5, 9])
+    assert data.classes == [7, 5, 9] and data.num_classes == 3
+    kept = [d for d in ImageClassificationData().corpus()[0]["label"] if d in (5, 7, 9)]
+    assert len(data.split("train")) + len(data.split("val")) == len(kept)
+    labels = torch.cat([b["label"] for b in data.train_dataloader()])
+    assert sorted(labels.unique().tolist()) == [0, 1, 2]
+    # class i is classes[i]: the batches' labels count the original digits
+    originals = np.asarray(data.split("train")["label"])
+    assert [int((labels == i).sum()) for i in range(3)] == [int((originals == d).sum())
+                                                             for d in (7, 5, 9)]
+    with pytest.raises(ValueError, match=r"classes=\[5, 12\] names labels \[12\]"):
+        ImageClassificationData(classes=[5, 12]).setup()
+
+
+def test_classes_of_an_image_folder_filter_every_split(tmp_path):
+    write_images(tmp_path / "train", n_per_class=3, classes=("cat", "dog", "fox"))
+    write_images(tmp_path / "test", n_per_class=2, classes=("cat", "dog", "fox"))
+    data = ImageClassificationData(str(tmp_path), image_size=8, val_size=1, classes=["fox", "cat"])
+    assert data.num_classes == 2
+    assert [len(data.split(s)) for s in ("train", "val", "test")] == [5, 1, 4]
+    test_labels = next(iter(data.test_dataloader()))["label"].tolist()
+    assert sorted(test_labels) == [0, 0, 1, 1]  # fox -> 0, cat -> 1; no dog left
+    assert data.label_index["fox"] == data.label_index[2] == 0  # stored ints too
+
+
+@pytest.mark.parametrize("classes", [[], [1, 1]])
+def test_classes_must_be_distinct_and_not_empty(classes):
+    with pytest.raises(ValueError, match="must be None .*distinct label values"):
+        ImageClassificationData(classes=classes)
+
 def test_image_folder_with_test_split(tmp_path):
     write_images(tmp_path / "train")
     write_images(tmp_path / "test", n_per_class=2)

@@ -1,7 +1,8 @@
 """LightningDataModules over Hugging Face ``datasets``: local files and the offline packaged data.
 
-Every module reads its whole source once, maps labels to ``0..C-1`` (sorted original values),
-carves a seeded validation split out of the training data and batches into dicts:
+Every module reads its whole source once, maps labels to ``0..C-1`` (sorted original values, or
+the order of ``classes`` when only some classes are kept), carves a seeded validation split out of
+the training data and batches into dicts:
 images ``{"image": [B, 3, S, S] float32, "label": [B] int64}``; text ``{"input_ids",
 "attention_mask": [B, L] int64, "label": [B] int64, "text": list[str]}`` (the raw text stays so
 that a model with another tokenizer can re-tokenize the same examples).
@@ -46,7 +47,7 @@ class _SplitData(lightning.LightningDataModule):
 
     def __init__(self, source: str, batch_size: int, val_size: float | int,
                  train_limit: int | None, val_limit: int | None, test_source: str | None,
-                 num_workers: int, seed: int) -> None:
+                 num_workers: int, seed: int, classes: list[Any] | None = None) -> None:
         super().__init__()
         _require(batch_size >= 1, f"batch_size={batch_size} must be >= 1")
         _require(isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float)
@@ -55,12 +56,17 @@ class _SplitData(lightning.LightningDataModule):
         for name, limit in (("train_limit", train_limit), ("val_limit", val_limit)):
             _require(limit is None or limit >= 1, f"{name}={limit} must be >= 1 or None")
         _require(num_workers >= 0, f"num_workers={num_workers} must be >= 0")
+        _require(classes is None or len(classes) >= 1 and len(set(classes)) == len(classes),
+                 f"classes={classes!r} must be None (all classes) or a non-empty list of "
+                 "distinct label values")
         self.source, self.test_source = source, test_source
+        self.keep_classes = None if classes is None else list(classes)
         self.batch_size, self.val_size, self.seed = batch_size, val_size, seed
         self.train_limit, self.val_limit, self.num_workers = train_limit, val_limit, num_workers
         self._corpus: tuple[datasets.Dataset, datasets.Dataset | None] | None = None
         self._splits: dict[str, datasets.Dataset] | None = None
         self._classes: list[Any] = []
+        self._all_classes: list[Any] = []  # before `classes` filters them
 
     # subclasses: `_read(source) -> (corpus, test split in source or None)` with renamed columns,
     # `_finish(split) -> split` ready for the DataLoader, and a `collate` callable
@@ -72,13 +78,22 @@ class _SplitData(lightning.LightningDataModule):
             train, test = self._read(self.source)
             if self.test_source is not None:
                 test = self._read(self.test_source)[0]
-            self._classes = _classes(train, self.source)
-            self._corpus = (train, None if test is None else _align(test, self._classes))
+            found = _classes(train, self.source)
+            test = None if test is None else _align(test, found)
+            if self.keep_classes is not None:
+                # The test split was aligned to every training class first, so a ClassLabel
+                # integer means the same class in both splits when the rows are filtered.
+                train, test = (_keep(d, self.keep_classes, found, self.source)
+                               if d is not None else None for d in (train, test))
+            self._all_classes = found
+            self._classes = found if self.keep_classes is None else self.keep_classes
+            self._corpus = (train, test)
         return self._corpus
 
     @property
     def classes(self) -> list[Any]:
-        """The sorted original label values; class ``i`` is ``classes[i]``."""
+        """The original label values, by class index: class ``i`` is ``classes[i]`` (sorted, or
+        the ``classes`` argument as given)."""
         self.corpus()
         return self._classes
 
@@ -91,8 +106,8 @@ class _SplitData(lightning.LightningDataModule):
         """Label value -> class index; ``ClassLabel`` data (image folders) also map int -> int."""
         train = self.corpus()[0]
         index = {value: i for i, value in enumerate(self.classes)}
-        if isinstance(train.features["label"], datasets.ClassLabel):
-            index.update({i: i for i in range(len(self.classes))})
+        if isinstance(train.features["label"], datasets.ClassLabel):  # stored ints: their names
+            index.update({self._all_classes.index(v): i for i, v in enumerate(self.classes)})
         return index
 
     def prepare_data(self) -> None:
@@ -164,6 +179,19 @@ def _align(test: datasets.Dataset, classes: list[Any]) -> datasets.Dataset:
     return test
 
 
+def _keep(ds: datasets.Dataset, keep: list[Any], found: list[Any], source: str
+          ) -> datasets.Dataset:
+    """The rows of ``ds`` whose label is one of ``keep`` (label values as in ``found``)."""
+    unknown = [c for c in keep if c not in found]
+    if unknown:
+        raise ValueError(f"classes={keep!r} names labels {unknown} that {source!r} lacks "
+                         f"(its labels: {found})")
+    labels = np.asarray(ds["label"])
+    if isinstance(ds.features["label"], datasets.ClassLabel):  # ints stand for found[int]
+        keep = [found.index(c) for c in keep]
+    return ds.select(np.flatnonzero(np.isin(labels, np.asarray(keep))))
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -207,6 +235,8 @@ class ImageClassificationData(_SplitData):
     ``train/<class>/...`` plus ``test/`` or ``validation/`` for a test split), or a CSV / parquet /
     JSON file whose ``image_column`` holds image paths (relative to the file) or images.
     ``test_source`` (same kinds) gives a separate test split; else testing uses validation.
+    ``classes``: keep only the rows with these original labels (e.g. ``[5, 6, 7, 8, 9]``, or
+    folder names), every split; class ``i`` is then ``classes[i]``. ``None`` keeps every class.
     """
 
     def __init__(self, source: str = "mnist5k", image_size: int = 64, batch_size: int = 64,
@@ -215,9 +245,9 @@ class ImageClassificationData(_SplitData):
                  image_column: str = "image", label_column: str = "label",
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD,
-                 test_source: str | None = None) -> None:
+                 test_source: str | None = None, classes: list[int | str] | None = None) -> None:
         super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
-                         num_workers, seed)
+                         num_workers, seed, classes)
         _require(image_size >= 1, f"image_size={image_size} must be a positive number of pixels")
         self.save_hyperparameters()
         self.image_size, self.image_column = image_size, image_column
@@ -278,15 +308,17 @@ class TextClassificationData(_SplitData):
     ``source``: ``"rotten_tomatoes"`` (packaged: fresh=1 / rotten=0, 12,808 snippets) or a
     CSV / parquet / JSON file with ``text_column`` and ``label_column``. ``tokenizer``:
     ``"minilm"`` / ``"mpnet"`` or a Hugging Face folder; texts are truncated to ``max_length``.
+    ``classes``: keep only the rows with these original labels, as for images.
     """
 
     def __init__(self, source: str = "rotten_tomatoes", tokenizer: str = "minilm",
                  max_length: int = 64, batch_size: int = 32, val_size: float | int = 0.2,
                  train_limit: int | None = None, val_limit: int | None = None,
                  num_workers: int = 0, seed: int = 0, text_column: str = "text",
-                 label_column: str = "label", test_source: str | None = None) -> None:
+                 label_column: str = "label", test_source: str | None = None,
+                 classes: list[int | str] | None = None) -> None:
         super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
-                         num_workers, seed)
+                         num_workers, seed, classes)
         _require(max_length >= 2, f"max_length={max_length} must be >= 2 (special tokens)")
         self.save_hyperparameters()
         self.tokenizer_name, self.max_length = tokenizer, max_length
