@@ -11,7 +11,9 @@ Cases:
   256 Rotten Tomatoes sentences, batch 32, each model with its own tokenizer;
 - ``vit_b_32`` / ``vit_b_128``: timm ``vit_base_patch16_224`` (768 x 12) -> the same with width 896
   (14 heads, MLP 3584), random init, 224 px, 32 / 128 random images, batch 16 (the design's cost
-  bar, DESIGN.md section 7).
+  bar, DESIGN.md section 7);
+- ``vit_l_32`` / ``vit_l_64``: ViT-B/16 -> timm ``vit_large_patch16_224`` (1024 x 24, MLP 4096),
+  random init, 32 / 64 images: the scale case (width and depth both grow).
 
 Besides ``report.timings`` the child times, by wrapping engine functions (a few hundred calls,
 negligible overhead): every Procrustes map by shape (SVDs), ``CrossStatistics.update`` (the cross
@@ -121,12 +123,34 @@ def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
     return build
 
 
+def build_vit_l(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    def build(args: argparse.Namespace) -> dict[str, Any]:
+        import timm
+        import torch
+
+        torch.manual_seed(0)
+        source = timm.create_model("vit_base_patch16_224", pretrained=False,
+                                   num_classes=10).eval()
+        target = timm.create_model("vit_large_patch16_224", pretrained=False,
+                                   num_classes=10).eval()
+        gen = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(16, 3, 224, 224, generator=gen) for _ in range(images // 16)]
+        return dict(source=source, target=target, finetuned=_task_vector(source, 2),
+                    calibration=calibration, target_calibration=None,
+                    info=dict(source="vit_base_patch16_224 (768x12, random init)",
+                              target="vit_large_patch16_224 (1024x24, random init)",
+                              examples=images, batch=16, image_size=224))
+    return build
+
+
 CASES = {
     c.name: c
     for c in (
         Case("text", "MiniLM-L6 -> MPNet-base, 256 real sentences", build_text),
         Case("vit_b_32", "ViT-B/16 -> ViT-B/16 w896, 32 images", build_vit_b(32)),
         Case("vit_b_128", "ViT-B/16 -> ViT-B/16 w896, 128 images", build_vit_b(128)),
+        Case("vit_l_32", "ViT-B/16 -> ViT-L/16 (1024 x 24), 32 images", build_vit_l(32)),
+        Case("vit_l_64", "ViT-B/16 -> ViT-L/16 (1024 x 24), 64 images", build_vit_l(64)),
     )
 }
 
@@ -387,12 +411,13 @@ def main(argv=None) -> int:
         print(f"  total {r['timings']['total']:.1f}s, floor {r['floor']['seconds']:.1f}s, "
               f"ratio {r['ratio_total_floor']:.2f}", file=sys.stderr, flush=True)
     print_table(results)
-    sizes = {n: r["statistics_memory"]["bytes"] for n, r in results.items()
-             if n.startswith("vit_b_")}
-    if len(sizes) > 1:
-        same = len(set(sizes.values())) == 1
-        print(f"statistics memory independent of calibration size: {same} ({sizes})",
-              file=sys.stderr)
+    for pair in ("vit_b", "vit_l"):  # same models, different calibration sizes
+        sizes = {n: r["statistics_memory"]["bytes"] for n, r in results.items()
+                 if n.startswith(pair + "_")}
+        if len(sizes) > 1:
+            same = len(set(sizes.values())) == 1
+            print(f"{pair}: statistics memory independent of calibration size: {same} "
+                  f"({sizes})", file=sys.stderr)
     previous = {}
     if args.out.exists():
         try:
