@@ -103,7 +103,9 @@ def build_text(args: argparse.Namespace) -> dict[str, Any]:
                           batch=batch, tokens=tokens, max_length=args.max_length))
 
 
-def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
+def build_vit(images: int, target_name: str, target_desc: str,
+              **target_kwargs: Any) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    """ViT-B/16 source -> ``target_name`` (with ``target_kwargs``), random init, random images."""
     def build(args: argparse.Namespace) -> dict[str, Any]:
         import timm
         import torch
@@ -111,36 +113,26 @@ def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
         torch.manual_seed(0)
         source = timm.create_model("vit_base_patch16_224", pretrained=False,
                                    num_classes=10).eval()
-        target = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10,
-                                   embed_dim=896, num_heads=14).eval()
+        target = timm.create_model(target_name, pretrained=False, num_classes=10,
+                                   **target_kwargs).eval()
         gen = torch.Generator().manual_seed(1)
         calibration = [torch.randn(16, 3, 224, 224, generator=gen) for _ in range(images // 16)]
         return dict(source=source, target=target, finetuned=_task_vector(source, 2),
                     calibration=calibration, target_calibration=None,
                     info=dict(source="vit_base_patch16_224 (768x12, random init)",
-                              target="vit_base_patch16_224 width 896 (896x12, random init)",
-                              examples=images, batch=16, image_size=224))
+                              target=target_desc, examples=images, batch=16, image_size=224))
     return build
+
+
+def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    return build_vit(images, "vit_base_patch16_224",
+                     "vit_base_patch16_224 width 896 (896x12, random init)",
+                     embed_dim=896, num_heads=14)
 
 
 def build_vit_l(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
-    def build(args: argparse.Namespace) -> dict[str, Any]:
-        import timm
-        import torch
-
-        torch.manual_seed(0)
-        source = timm.create_model("vit_base_patch16_224", pretrained=False,
-                                   num_classes=10).eval()
-        target = timm.create_model("vit_large_patch16_224", pretrained=False,
-                                   num_classes=10).eval()
-        gen = torch.Generator().manual_seed(1)
-        calibration = [torch.randn(16, 3, 224, 224, generator=gen) for _ in range(images // 16)]
-        return dict(source=source, target=target, finetuned=_task_vector(source, 2),
-                    calibration=calibration, target_calibration=None,
-                    info=dict(source="vit_base_patch16_224 (768x12, random init)",
-                              target="vit_large_patch16_224 (1024x24, random init)",
-                              examples=images, batch=16, image_size=224))
-    return build
+    return build_vit(images, "vit_large_patch16_224",
+                     "vit_large_patch16_224 (1024x24, random init)")
 
 
 CASES = {

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from warmstart.callbacks import TaskVectorTransport
 from warmstart.transport import transport
 
+from .test_callbacks import MLPModule
 from .test_real_pairs import tiny_vit
 from .test_transport import TinyCNN, TinyMLP, _calibration, _perturbed
 
@@ -507,26 +507,6 @@ def test_zero_task_vector_warns(mlp):
 # --------------------------------------------------------------------------- callback (1, 2, 12)
 
 
-class _Module(L.LightningModule):
-    """warmstart's LightningModule convention: ``model``, ``model_inputs``, logits."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.lr = model, 0.1
-
-    def model_inputs(self, batch):
-        return batch["x"]
-
-    def forward(self, batch):
-        return self.model(batch["x"])
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch), batch["label"])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
 @pytest.fixture(scope="module")
 def saved_finetuned(mlp, tmp_path_factory):
     path = tmp_path_factory.mktemp("source") / "finetuned.safetensors"
@@ -536,7 +516,7 @@ def saved_finetuned(mlp, tmp_path_factory):
 
 def _fit_fails(tmp_path, mlp, callback, error, match):
     """A one-step fit with ``callback`` raises ``error`` and leaves the module untouched."""
-    module = _Module(copy.deepcopy(mlp[2]))
+    module = MLPModule(copy.deepcopy(mlp[2]), lr=0.1)
     data = [{"x": x, "label": torch.tensor(i % 3)} for i, x in enumerate(torch.randn(16, 20))]
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -564,9 +544,9 @@ def test_callback_with_a_corrupt_checkpoint(mlp, tmp_path):
 
 
 @pytest.mark.parametrize("attribute,match", [
-    ("network", r"_Module has no module attribute 'network' to transport into; set "
+    ("network", r"MLPModule has no module attribute 'network' to transport into; set "
                 r"target_attribute"),
-    ("lr", r"_Module has no module attribute 'lr' \(it is a float\) to transport into"),
+    ("lr", r"MLPModule has no module attribute 'lr' \(it is a float\) to transport into"),
 ], ids=["missing", "not-a-module"])
 def test_callback_target_attribute(mlp, saved_finetuned, tmp_path, attribute, match):
     warm = TaskVectorTransport(mlp[0], saved_finetuned, target_attribute=attribute,
