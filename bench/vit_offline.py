@@ -1,6 +1,6 @@
 """Offline ViT benchmark: two ViTs pretrained here, a task vector moved between them, curves.
 
-    python bench/vit_offline.py         # ~15 min on a quiet 2-core machine, far more when shared
+    python bench/vit_offline.py         # ~6 min on 2 quiet cores (far more when they are shared)
     python bench/vit_offline.py --seeds 0 --steps 20 --pretrain_steps 60 --source_steps 40 \\
         --work_dir /tmp/vit_quick --out /tmp/vit_quick.json       # smoke run, a few minutes
 
