@@ -21,8 +21,17 @@ products and float64 sums) and ``pair_rows``; the rest of the statistics phase i
 passes (about the floor) plus hooks, slicing and finiteness checks. ``--profile`` also runs the
 transport under cProfile (slower) and reports the top functions.
 
+``--device cuda`` moves the three models and the calibration batches to the GPU, so the
+statistics are accumulated and the SVDs run there (float64, like on the CPU); every probe then
+synchronizes the device before reading the clock, and the JSON adds the peak GPU memory
+(``torch.cuda.max_memory_allocated``) next to the peak RSS.
+
+The JSON file is rewritten after every case, so a long run that is stopped keeps what it finished.
+
 Usage:
     python bench/transport_cost.py --cases text vit_b_32 --threads 2
+    python bench/transport_cost.py --cases vit_b_32 vit_l_32 --device cuda --threads 16 \
+        --out bench/results/transport_cost_gpu.json
     python bench/transport_cost.py --case text --child   # one case, JSON on stdout
 """
 
@@ -159,15 +168,30 @@ def _call(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that the clock reads what it cost (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _to(batch, device):
+    return ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
+            else batch.to(device))
+
+
 def floor_seconds(model, batches) -> tuple[float, float]:
     """Wall and CPU seconds of bare forward passes over ``batches`` (no hooks, no_grad, eval)."""
     import torch
 
     model.eval()
     with torch.no_grad():
+        _sync()
         wall, cpu = time.perf_counter(), time.process_time()
         for b in batches:
             _call(model, b)
+        _sync()
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -189,16 +213,20 @@ def engine_probes():
     orig_pair, orig_collect = activations.pair_rows, transport_mod.collect_statistics
 
     def timed_map(stats, **kw):
+        _sync()
         t0 = time.perf_counter()
         out = orig_map(stats, **kw)
+        _sync()
         entry = probes["maps_by_shape"][f"{stats.d_source}x{stats.d_target}"]
         entry[0] += 1
         entry[1] += time.perf_counter() - t0
         return out
 
     def timed_update(self, a, b):
+        _sync()
         t0 = time.perf_counter()
         orig_update(self, a, b)
+        _sync()
         entry = probes["update_by_shape"][f"{self.d_source}x{self.d_target}"]
         entry[0] += 1
         entry[1] += time.perf_counter() - t0
@@ -248,13 +276,18 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from warmstart.transport import transport
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     case = CASES[name].build(args)
     setup_s = time.perf_counter() - t0
-    source, target = case["source"], case["target"]
-    cal_s = case["calibration"]
-    cal_t = case["target_calibration"] or cal_s
+    source, target = case["source"].to(device), case["target"].to(device)
+    finetuned = case["finetuned"].to(device)
+    cal_s = [_to(b, device) for b in case["calibration"]]
+    cal_t_given = [_to(b, device) for b in case["target_calibration"] or []] or None
+    cal_t = cal_t_given or cal_s
     # warm-up (not counted): first calls allocate and pick kernels
     floor_seconds(source, cal_s[:1])
     floor_seconds(target, cal_t[:1])
@@ -266,15 +299,21 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         import cProfile
 
         profiler = cProfile.Profile()
+    gpu_before = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        gpu_before = torch.cuda.memory_allocated(device)
     with engine_probes() as probes:
-        cpu0 = time.process_time()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
-        report = transport(source, case["finetuned"], target, cal_s,
-                           target_calibration=case["target_calibration"], progress=False)
+        report = transport(source, finetuned, target, cal_s, target_calibration=cal_t_given,
+                           progress=False)
+        _sync()
         if profiler:
             profiler.disable()
         transport_cpu = time.process_time() - cpu0
+        transport_wall = time.perf_counter() - wall0
     timings = {k: float(report.timings.get(k, 0.0)) for k in PHASES}
     timings["other"] = timings["total"] - sum(timings[k] for k in PHASES[:-1])
     floor = floor_s[0] + floor_t[0]
@@ -284,6 +323,9 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         case=name,
         description=CASES[name].description,
         info=case["info"],
+        device=str(device),
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else platform.processor() or platform.machine()),
         threads=args.threads,
         torch=torch.__version__,
         setup_seconds=setup_s,
@@ -291,6 +333,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
                    cpu_seconds=floor_s[1] + floor_t[1]),
         timings=timings,
         transport_cpu_seconds=transport_cpu,
+        transport_wall_seconds=transport_wall,
         ratio_total_floor=timings["total"] / floor if floor > 0 else None,
         statistics_breakdown=dict(
             cross_update_seconds=update_s,
@@ -309,6 +352,9 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         n_params=len(report.params),
         peak_rss_mb=_rss_mb(),
         peak_rss_before_transport_mb=rss_before,
+        peak_gpu_mb=(torch.cuda.max_memory_allocated(device) / 2**20
+                     if device.type == "cuda" else None),
+        gpu_before_transport_mb=gpu_before / 2**20 if device.type == "cuda" else None,
         loadavg_start=load0,
         loadavg_end=os.getloadavg(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -324,7 +370,8 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--child",
-           "--threads", str(args.threads), "--sentences", str(args.sentences),
+           "--threads", str(args.threads), "--device", args.device,
+           "--sentences", str(args.sentences),
            "--max-length", str(args.max_length)]
     if args.profile:
         cmd.append("--profile")
@@ -345,7 +392,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
     table = Table(title="transport cost (wall seconds; floor = bare forwards of both models)")
     for col in ("case", "examples", "floor", "statistics", "maps", "rules", "apply", "other",
-                "total", "total/floor", "cpu s", "peak RSS MB", "stats MB"):
+                "total", "total/floor", "cpu s", "peak RSS MB", "peak GPU MB", "stats MB"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for name, r in results.items():
         t = r["timings"]
@@ -353,7 +400,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             name, str(r["info"]["examples"]), f"{r['floor']['seconds']:.1f}",
             *(f"{t[k]:.1f}" for k in ("statistics", "maps", "rules", "apply", "other", "total")),
             f"{r['ratio_total_floor']:.2f}", f"{r['transport_cpu_seconds']:.0f}",
-            f"{r['peak_rss_mb']:.0f}", f"{r['statistics_memory']['mb']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-",
+            f"{r['statistics_memory']['mb']:.1f}",
         )
     console = Console(width=max(Console().width, 150))
     console.print(table)
@@ -376,6 +425,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES),
                         help="cases to run (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models, the statistics and the SVDs live (default cpu)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON result file (default bench/results/transport_cost.json)")
     parser.add_argument("--sentences", type=int, default=256, help="text case: sentences")
@@ -397,11 +448,13 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for name in ([args.case] if args.case else args.cases):
-        print(f"running {name}: {CASES[name].description} ...", file=sys.stderr, flush=True)
+        print(f"running {name} on {args.device}: {CASES[name].description} ...", file=sys.stderr,
+              flush=True)
         results[name] = run_case_subprocess(name, args)
         r = results[name]
         print(f"  total {r['timings']['total']:.1f}s, floor {r['floor']['seconds']:.1f}s, "
               f"ratio {r['ratio_total_floor']:.2f}", file=sys.stderr, flush=True)
+        write_results(args.out, results)
     print_table(results)
     for pair in ("vit_b", "vit_l"):  # same models, different calibration sizes
         sizes = {n: r["statistics_memory"]["bytes"] for n, r in results.items()
@@ -410,10 +463,16 @@ def main(argv=None) -> int:
             same = len(set(sizes.values())) == 1
             print(f"{pair}: statistics memory independent of calibration size: {same} "
                   f"({sizes})", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def write_results(out: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Merge ``results`` into ``out`` (cases measured earlier and not rerun are kept)."""
     previous = {}
-    if args.out.exists():
+    if out.exists():
         try:
-            previous = json.loads(args.out.read_text()).get("cases", {})
+            previous = json.loads(out.read_text()).get("cases", {})
         except (OSError, ValueError):
             previous = {}
     payload = dict(
@@ -422,10 +481,8 @@ def main(argv=None) -> int:
                      python=platform.python_version()),
         cases={**previous, **results},
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""The transport and the callback with models on a CUDA device.
+
+These run only where torch sees a GPU (the accelerator machine); CI is CPU-only, so there they
+are skipped with the reason below. Run them with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from warmstart.callbacks import TaskVectorTransport
+from warmstart.transport import transport
+
+from .test_bad_inputs import leaves_unchanged
+from .test_callbacks import MLPModule, _task
+from .test_real_pairs import tiny_vit, with_task_vector
+from .test_transport import TinyMLP, _calibration, _perturbed
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (the accelerator machine); CI runs on CPU"),
+]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    """Tiny timm ViTs of different width and depth (48 x 3 -> 64 x 5), on the CPU."""
+    source, target = tiny_vit(48, 3, 32, seed=0), tiny_vit(64, 5, 40, seed=1)
+    finetuned = with_task_vector(source, seed=2, scale=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    calibration = list(torch.randn(48, 3, 32, 32, generator=gen).split(16))
+    return source, finetuned, target, calibration
+
+
+def _on(device, *models: nn.Module) -> list[nn.Module]:
+    return [copy.deepcopy(m).to(device) for m in models]
+
+
+def _delta(after: nn.Module, before: nn.Module) -> dict[str, torch.Tensor]:
+    b = before.state_dict()
+    return {k: (v.double().cpu() - b[k].double().cpu()) for k, v in after.state_dict().items()
+            if v.is_floating_point()}
+
+
+def test_gpu_transport_matches_the_cpu_transport(vit_pair):
+    """Statistics and SVDs on the GPU (float64) give the CPU's update up to rounding."""
+    source, finetuned, target, calibration = vit_pair
+    on_cpu = copy.deepcopy(target)
+    cpu_report = transport(source, finetuned, on_cpu, calibration, progress=False)
+    s, f, on_gpu = _on(CUDA, source, finetuned, target)
+    gpu_report = transport(s, f, on_gpu, calibration, progress=False)  # batches stay on the CPU
+    assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+    cpu_delta, gpu_delta = _delta(on_cpu, target), _delta(on_gpu, target)
+    assert cpu_delta.keys() == gpu_delta.keys()
+    for name, d in cpu_delta.items():
+        scale = max(float(d.norm()), 1e-12)
+        assert float((gpu_delta[name] - d).norm()) <= 1e-4 * scale, name
+    for a, b in zip(cpu_report.maps, gpu_report.maps):
+        assert (a.target_space, a.rank) == (b.target_space, b.rank)
+        assert a.residual == pytest.approx(b.residual, rel=1e-6, abs=1e-9)
+
+
+def test_source_on_cpu_target_on_gpu(vit_pair):
+    """Mixed devices: each model gets the calibration on its own device; same result."""
+    source, finetuned, target, calibration = vit_pair
+    s, f, all_gpu = _on(CUDA, source, finetuned, target)
+    transport(s, f, all_gpu, calibration, progress=False)
+    (mixed,) = _on(CUDA, target)
+    transport(source, finetuned, mixed, [b.to(CUDA) for b in calibration], progress=False)
+    for name, value in mixed.state_dict().items():
+        expected = all_gpu.state_dict()[name]
+        assert value.device.type == "cuda"
+        assert torch.allclose(value, expected, rtol=1e-5, atol=1e-7), name
+
+
+def test_gpu_transport_is_repeatable(vit_pair):
+    """Two transports of the same inputs on the same GPU give the same bits."""
+    source, finetuned, target, calibration = vit_pair
+    results = []
+    for _ in range(2):
+        s, f, t = _on(CUDA, source, finetuned, target)
+        transport(s, f, t, calibration, progress=False)
+        results.append(t.state_dict())
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_gpu_target_is_cast_once(dtype):
+    """A half-precision target on the GPU: theta + alpha * delta in float64, cast once (with
+    ``slice``, which needs no statistics, bit-equal to the float64 result on the CPU cast)."""
+    source = TinyMLP()
+    tuned = _perturbed(source)
+    base = TinyMLP(hidden=24)
+    source_gpu, tuned_gpu = _on(CUDA, source, tuned)
+    half = copy.deepcopy(base).to(CUDA, dtype)
+    wide = copy.deepcopy(base).to(dtype).double()
+    transport(source_gpu, tuned_gpu, half, method="slice", alpha=1.5, progress=False)
+    transport(source, tuned, wide, method="slice", alpha=1.5, progress=False)
+    for name, value in half.state_dict().items():
+        assert (value.dtype, value.device.type) == (dtype, "cuda"), name
+        assert torch.equal(value.cpu(), wide.state_dict()[name].to(dtype)), name
+    # with maps estimated from half-precision activations on the GPU: finite and close to the
+    # float32 transport
+    half, single = copy.deepcopy(base).to(CUDA, dtype), copy.deepcopy(base).to(CUDA)
+    for model in (half, single):
+        transport(source_gpu, tuned_gpu, model, _calibration(2), alpha=1.5, progress=False)
+    start = base.state_dict()
+    for name, value in half.state_dict().items():
+        reference = single.state_dict()[name].cpu()
+        moved = (reference - start[name]).norm()
+        assert torch.isfinite(value).all(), name
+        assert (value.float().cpu() - reference).norm() <= 0.05 * moved, name
+
+
+def test_failed_gpu_transport_leaves_the_target_unchanged(vit_pair):
+    source, finetuned, target, calibration = vit_pair
+    s, f, t = _on(CUDA, source, finetuned, target)
+    bad = [*calibration[:-1], torch.full_like(calibration[-1], float("nan"))]
+    with leaves_unchanged(t), pytest.raises(ValueError, match="contain NaN or Inf"):
+        transport(s, f, t, bad, progress=False)
+
+
+def test_callback_in_a_gpu_fit(tmp_path):
+    """TaskVectorTransport in a real Lightning fit on the GPU: the source checkpoint is read on
+    the CPU, the target is on the GPU when ``on_fit_start`` runs, and training goes on."""
+    torch.manual_seed(0)
+    base = TinyMLP()
+    tuned = _perturbed(base, scale=0.1)
+    path = tmp_path / "finetuned.safetensors"
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    module = MLPModule(TinyMLP(hidden=24))
+    before = copy.deepcopy(module.model)
+    callback = TaskVectorTransport(base, str(path), calibration_batches=4, progress=False)
+    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[callback])
+    train = DataLoader(_task(256, 0), batch_size=64)
+    trainer.fit(module, train)
+    assert callback.applied and callback.report is not None
+    assert all(p.device.type == "cuda" for p in module.parameters())
+    assert trainer.global_step == 3
+    assert not torch.equal(module.model.fc1.weight.cpu(), before.fc1.weight)
+    assert all(m.determined for m in callback.report.maps)
