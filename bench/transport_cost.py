@@ -198,9 +198,13 @@ def floor_seconds(model, batches) -> tuple[float, float]:
 @contextmanager
 def engine_probes():
     """Time the engine's maps, statistics updates and row pairing; capture the statistics."""
-    import warmstart.activations as activations
-    import warmstart.transport as transport_mod
+    from importlib import import_module
+
     from warmstart.procrustes import CrossStatistics
+
+    # the modules themselves: ``warmstart.transport`` as an attribute is the function
+    activations = import_module("warmstart.activations")
+    transport_mod = import_module("warmstart.transport")
 
     probes: dict[str, Any] = {
         "maps_by_shape": defaultdict(lambda: [0, 0.0]),

@@ -7,6 +7,7 @@ are skipped with the reason below. Run them with ``pytest -m gpu``.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import lightning as L
 import pytest
@@ -52,35 +53,60 @@ def _delta(after: nn.Module, before: nn.Module) -> dict[str, torch.Tensor]:
             if v.is_floating_point()}
 
 
-def test_gpu_transport_matches_the_cpu_transport(vit_pair):
-    """Statistics and SVDs on the GPU (float64) give the CPU's update up to rounding."""
+@contextmanager
+def tf32(enabled: bool):
+    """Set cuDNN's TF32 convolutions (on by default in torch) and TF32 matmuls (off by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _relative_gaps(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    assert a.keys() == b.keys()
+    return {k: float((a[k] - b[k]).norm()) / max(float(b[k].norm()), 1e-12) for k in b}
+
+
+@pytest.mark.parametrize("use_tf32, tolerance", [(False, 1e-5), (True, 5e-3)],
+                         ids=["fp32", "tf32-default"])
+def test_gpu_transport_matches_the_cpu_transport(vit_pair, use_tf32, tolerance):
+    """Statistics and SVDs on the GPU (float64) give the CPU's update up to rounding. What
+    differs is the forward passes: torch runs convolutions (here the patch embedding) in TF32 by
+    default on this GPU, which moves the update by up to ~1e-3 of its norm; in full float32 the
+    two agree to float32 rounding."""
     source, finetuned, target, calibration = vit_pair
     on_cpu = copy.deepcopy(target)
     cpu_report = transport(source, finetuned, on_cpu, calibration, progress=False)
     s, f, on_gpu = _on(CUDA, source, finetuned, target)
-    gpu_report = transport(s, f, on_gpu, calibration, progress=False)  # batches stay on the CPU
+    with tf32(use_tf32):
+        gpu_report = transport(s, f, on_gpu, calibration, progress=False)  # batches on the CPU
     assert all(p.device.type == "cuda" for p in on_gpu.parameters())
-    cpu_delta, gpu_delta = _delta(on_cpu, target), _delta(on_gpu, target)
-    assert cpu_delta.keys() == gpu_delta.keys()
-    for name, d in cpu_delta.items():
-        scale = max(float(d.norm()), 1e-12)
-        assert float((gpu_delta[name] - d).norm()) <= 1e-4 * scale, name
+    gaps = _relative_gaps(_delta(on_gpu, target), _delta(on_cpu, target))
+    worst = max(gaps, key=gaps.get)
+    print(f"GPU vs CPU, tf32={use_tf32}: largest relative gap {gaps[worst]:.2e} ({worst})")
+    assert gaps[worst] <= tolerance, (worst, gaps[worst])
     for a, b in zip(cpu_report.maps, gpu_report.maps):
         assert (a.target_space, a.rank) == (b.target_space, b.rank)
-        assert a.residual == pytest.approx(b.residual, rel=1e-6, abs=1e-9)
+        assert a.residual == pytest.approx(b.residual, rel=10 * tolerance, abs=1e-9)
 
 
 def test_source_on_cpu_target_on_gpu(vit_pair):
-    """Mixed devices: each model gets the calibration on its own device; same result."""
+    """Mixed devices: each model gets the calibration on its own device (batches given on the
+    GPU here), the source's rows are moved to the target's device; same result as all on the
+    GPU (in full float32, see above)."""
     source, finetuned, target, calibration = vit_pair
-    s, f, all_gpu = _on(CUDA, source, finetuned, target)
-    transport(s, f, all_gpu, calibration, progress=False)
-    (mixed,) = _on(CUDA, target)
-    transport(source, finetuned, mixed, [b.to(CUDA) for b in calibration], progress=False)
-    for name, value in mixed.state_dict().items():
-        expected = all_gpu.state_dict()[name]
-        assert value.device.type == "cuda"
-        assert torch.allclose(value, expected, rtol=1e-5, atol=1e-7), name
+    with tf32(False):
+        s, f, all_gpu = _on(CUDA, source, finetuned, target)
+        transport(s, f, all_gpu, calibration, progress=False)
+        (mixed,) = _on(CUDA, target)
+        transport(source, finetuned, mixed, [b.to(CUDA) for b in calibration], progress=False)
+    assert all(p.device.type == "cuda" for p in mixed.parameters())
+    gaps = _relative_gaps(_delta(mixed, target), _delta(all_gpu, target))
+    worst = max(gaps, key=gaps.get)
+    print(f"mixed vs all on the GPU: largest relative gap {gaps[worst]:.2e} ({worst})")
+    assert gaps[worst] <= 1e-5, (worst, gaps[worst])
 
 
 def test_gpu_transport_is_repeatable(vit_pair):
@@ -142,15 +168,22 @@ def test_callback_in_a_gpu_fit(tmp_path):
     torch.manual_seed(1)
     module = MLPModule(TinyMLP(hidden=24))
     before = copy.deepcopy(module.model)
+
+    class Seen(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.devices = {p.device.type for p in pl_module.parameters()}
+            self.fc1 = pl_module.model.fc1.weight.detach().cpu().clone()
+
     callback = TaskVectorTransport(base, str(path), calibration_batches=4, progress=False)
+    seen = Seen()
     trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[callback])
+                        default_root_dir=tmp_path, callbacks=[callback, seen])
     train = DataLoader(_task(256, 0), batch_size=64)
     trainer.fit(module, train)
     assert callback.applied and callback.report is not None
-    assert all(p.device.type == "cuda" for p in module.parameters())
-    assert trainer.global_step == 3
-    assert not torch.equal(module.model.fc1.weight.cpu(), before.fc1.weight)
     assert all(m.determined for m in callback.report.maps)
+    assert seen.devices == {"cuda"}
+    assert not torch.equal(seen.fc1, before.fc1.weight)  # transported before the first step
+    assert trainer.global_step == 3
