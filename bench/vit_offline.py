@@ -82,7 +82,7 @@ def vit_kwargs(size: dict, weights: Path | None = None) -> dict:
 
 
 def fit_config(size: dict, classes: list[int], steps: int, optim: dict, batch_size: int,
-               weights: Path | None = None) -> dict:
+               weights: Path | None = None, accelerator: str = "cpu") -> dict:
     """A LightningCLI fit config (as a dict) for one ViT on one task."""
     model = {"backbone": BACKBONE, "num_classes": len(classes), "pretrained": weights is not None,
              "model_kwargs": vit_kwargs(size, weights), **optim}
@@ -91,7 +91,7 @@ def fit_config(size: dict, classes: list[int], steps: int, optim: dict, batch_si
     return {"seed_everything": 0,
             "model": {"class_path": "warmstart.models.Classifier", "init_args": model},
             "data": {"class_path": "warmstart.data.ImageClassificationData", "init_args": data},
-            "trainer": {**TRAINER, "max_steps": steps}}
+            "trainer": {**TRAINER, "accelerator": accelerator, "max_steps": steps}}
 
 
 def val_accuracy(config: dict, state: dict | None = None) -> float:
@@ -118,7 +118,8 @@ def reusable(path: Path, config: dict, fresh: bool) -> dict | None:
 def pretrain(name: str, size: dict, args, work: Path, console: Console) -> tuple[Path, dict]:
     """Pretrain one ViT on task P (or reuse its saved weights); returns the weights and a record."""
     weights = work / f"{name}_pretrained_P.safetensors"
-    config = fit_config(size, P_CLASSES, args.pretrain_steps, PRETRAIN, args.batch_size)
+    config = fit_config(size, P_CLASSES, args.pretrain_steps, PRETRAIN, args.batch_size,
+                        accelerator=args.accelerator)
     record = reusable(weights, config, args.fresh)
     if record is not None:
         console.print(f"[bold]{name}[/]: reusing {weights} ({record['steps']} steps)")
@@ -230,6 +231,8 @@ def main() -> None:
     parser.add_argument("--calibration_batches", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
+                        help="Lightning accelerator of every fit (default cpu)")
     parser.add_argument("--work_dir", default="runs/vit_offline",
                         help="checkpoints, compare YAML, runs and the report")
     parser.add_argument("--fresh", action="store_true",
@@ -250,9 +253,9 @@ def main() -> None:
 
     # 2.-3. the compare config: the source fine-tuning and the target arms, both on F
     source_fit = fit_config(SOURCE, F_CLASSES, args.source_steps, FINETUNE, args.batch_size,
-                            source_weights)
+                            source_weights, args.accelerator)
     target_fit = fit_config(TARGET, F_CLASSES, args.steps, FINETUNE, args.batch_size,
-                            target_weights)
+                            target_weights, args.accelerator)
     title = (f"ViT {SOURCE['embed_dim']}x{SOURCE['depth']} -> {TARGET['embed_dim']}x"
              f"{TARGET['depth']}, pretrained on MNIST digits 0-4, fine-tuned on 5-9")
     compare = {

@@ -90,7 +90,9 @@ def test_gpu_transport_matches_the_cpu_transport(vit_pair, use_tf32, param_tol, 
     with other summation orders than the CPU's. The maps' weakly determined directions (small
     singular values of the cross moment) pick that up: in float32 the updates agree to a few
     1e-4 of their norm; with TF32 single biases move by tens of percent, but the transported
-    model computes nearly the same function (the measured gaps are printed with ``-s``)."""
+    model computes nearly the same function. Measured on an H100 (printed with ``-s``): float32
+    update gap 6.6e-4, function gap 4.9e-5; TF32 update gap 0.22 (a qkv bias), function gap
+    7.3e-3."""
     source, finetuned, target, calibration = vit_pair
     on_cpu = copy.deepcopy(target)
     cpu_report = transport(source, finetuned, on_cpu, calibration, progress=False)
@@ -105,8 +107,12 @@ def test_gpu_transport_matches_the_cpu_transport(vit_pair, use_tf32, param_tol, 
     if param_tol is not None:
         assert gap <= param_tol, (worst, gap)
     assert function_gap <= function_tol
+    # the numerical rank counts singular values above 1e-6 of the largest: TF32 noise can move
+    # one across that line (seen: attn_k rank 47 on the GPU, 48 on the CPU)
+    rank_slack = 1 if use_tf32 else 0
     for a, b in zip(cpu_report.maps, gpu_report.maps):
-        assert (a.target_space, a.rank) == (b.target_space, b.rank)
+        assert a.target_space == b.target_space
+        assert abs(a.rank - b.rank) <= rank_slack, (a.target_space, a.rank, b.rank)
         assert a.residual == pytest.approx(b.residual, rel=1e-2, abs=1e-6)
 
 
