@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -138,6 +139,18 @@ class Family:
     matches: Callable[[nn.Module], bool]
     describe: Callable[[nn.Module], ModelLayout]
     priority: int = 0
+
+
+def instance_of(module_path: str, class_name: str) -> Callable[[nn.Module], bool]:
+    """A family's ``matches``: ``model`` is an instance of ``module_path.class_name``, imported
+    when first asked (``False`` when that module cannot be imported)."""
+    def matches(model: nn.Module) -> bool:
+        try:
+            cls = getattr(import_module(module_path), class_name)
+        except (ImportError, AttributeError):
+            return False
+        return isinstance(model, cls)
+    return matches
 
 
 def find_submodule(model: nn.Module, cls: type | tuple[type, ...]) -> tuple[str, nn.Module] | None:

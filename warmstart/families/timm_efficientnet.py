@@ -18,17 +18,10 @@ from .base import (
     Point,
     Space,
     SpaceKey,
+    instance_of,
     linear_params,
     norm_params,
 )
-
-
-def _is_efficientnet(model: nn.Module) -> bool:
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, EfficientNet)
 
 
 def _conv(name: str, module: nn.Module, role: str, block, out_space, in_space) -> list[ParamRole]:
@@ -116,4 +109,5 @@ def describe(model: nn.Module) -> ModelLayout:
     return ModelLayout("timm_efficientnet", stages, tuple(spaces), tuple(params))
 
 
-FAMILY = Family("timm_efficientnet", _is_efficientnet, describe, priority=10)
+FAMILY = Family("timm_efficientnet", instance_of("timm.models.efficientnet", "EfficientNet"),
+                describe, priority=10)

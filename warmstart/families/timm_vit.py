@@ -16,18 +16,11 @@ from .base import (
     SequenceInfo,
     Space,
     SpaceKey,
+    instance_of,
     linear_params,
     norm_params,
     transformer_block_spaces,
 )
-
-
-def _is_vit(model: nn.Module) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, VisionTransformer)
 
 
 def _prepare(model: nn.Module, images: Any) -> tuple[Any, SequenceInfo]:
@@ -88,4 +81,5 @@ def describe(model: nn.Module) -> ModelLayout:
     return ModelLayout("timm_vit", (blocks,), tuple(spaces), tuple(params), prepare=_prepare)
 
 
-FAMILY = Family("timm_vit", _is_vit, describe, priority=10)
+FAMILY = Family("timm_vit", instance_of("timm.models.vision_transformer", "VisionTransformer"),
+                describe, priority=10)
