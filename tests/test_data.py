@@ -96,6 +96,23 @@ def test_shuffled_train_loader_resumes_mid_epoch():
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_loaders_do_not_pass_on_torchdata_deprecation_noise():
+    """torchdata's constructor warns about a deprecated torch call; the DataModule silences it
+    where the loader is built, so that it holds whatever filters the caller has (the CLI imports
+    this module inside a warnings context, which dropped an import-time filter)."""
+    import warnings
+
+    data = ImageClassificationData(image_size=16, batch_size=8, train_limit=16, val_limit=8)
+    data.setup("fit")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data.train_dataloader(), data.val_dataloader()
+        warnings.warn("a warning of the caller's own", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "set_vital" in m]
+    assert "a warning of the caller's own" in messages
+
+
 @needs_mnist
 def test_mnist_batches():
     data = ImageClassificationData(image_size=40, batch_size=8, train_limit=16, val_limit=16)

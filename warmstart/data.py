@@ -34,10 +34,6 @@ from warmstart.data_sources import (
     read_table,
 )
 
-# torchdata 0.11 calls a torch function that newer torch releases deprecate, once per iterator;
-# the warning says nothing about the user's run.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -142,9 +138,15 @@ class _SplitData(lightning.LightningDataModule):
         # from a mid-epoch checkpoint continues with the next batch instead of the epoch's first.
         generator = (torch.Generator().manual_seed(self.seed * 1_000_003 + torch.initial_seed())
                      if shuffle else None)
-        return StatefulDataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
-                          generator=generator, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        with warnings.catch_warnings():
+            # torchdata 0.11's constructor calls a torch function that newer torch releases
+            # deprecate; the warning says nothing about the user's run. Filtered here, not at
+            # import: the CLI imports this module inside a warnings context that drops filters.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return StatefulDataLoader(self.split(name), batch_size=self.batch_size,
+                                      shuffle=shuffle, generator=generator,
+                                      collate_fn=self.collate, num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", shuffle=True)
