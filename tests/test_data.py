@@ -98,8 +98,9 @@ def test_shuffled_train_loader_resumes_mid_epoch():
 
 def test_loaders_do_not_pass_on_torchdata_deprecation_noise():
     """torchdata's constructor warns about a deprecated torch call; the DataModule silences it
-    where the loader is built, so that it holds whatever filters the caller has (the CLI imports
-    this module inside a warnings context, which dropped an import-time filter)."""
+    where the loader is built, so that it holds whatever filters the caller has (`warmstart
+    compare` first imports this module inside a warnings context, which dropped an import-time
+    filter)."""
     import warnings
 
     data = ImageClassificationData(image_size=16, batch_size=8, train_limit=16, val_limit=8)

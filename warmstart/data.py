@@ -141,7 +141,8 @@ class _SplitData(lightning.LightningDataModule):
         with warnings.catch_warnings():
             # torchdata 0.11's constructor calls a torch function that newer torch releases
             # deprecate; the warning says nothing about the user's run. Filtered here, not at
-            # import: the CLI imports this module inside a warnings context that drops filters.
+            # import: compare._cli first imports this module inside a warnings context, whose
+            # exit drops the filters added within it.
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             return StatefulDataLoader(self.split(name), batch_size=self.batch_size,
                                       shuffle=shuffle, generator=generator,
