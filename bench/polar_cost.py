@@ -8,9 +8,11 @@ median wall time of ``--repeats`` runs, the distance to a reference factor (floa
 ``torch.linalg.svd`` on the CPU) relative to sqrt(width), and the loss of orthonormality
 ||Q Q^T - I|| on the narrow side.
 
-Ways: ``svd`` (torch's default driver), on CUDA also ``gesvd``, ``gesvdj`` and ``gesvda``, and
-``eigh`` (eigendecomposition of the narrow-side Gram, which squares the condition number), and
-``eigh+ns2``: ``eigh`` then two Newton-Schulz polishing steps.
+Ways: ``svd`` (torch's default driver), on CUDA also ``gesvd``, ``gesvdj`` and ``gesvda``;
+``eigh`` (eigendecomposition of the narrow-side Gram, which squares the condition number, scaled
+by the inverse square roots of its eigenvalues); and ``engine eigh``, the engine's own
+``polar_factor(m, solver="eigh")`` (``warmstart/procrustes.py``): the same eigenvectors, singular
+values from row norms, then two Newton-Schulz polishing steps.
 
     python bench/polar_cost.py --device cpu --threads 2
     python bench/polar_cost.py --device cuda --threads 16 --out bench/results/polar_cost_gpu.json
@@ -30,6 +32,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from warmstart.procrustes import polar_factor
 
 SHAPES = ("768x896", "768x1024", "3072x3584", "3072x4096")
 
@@ -56,22 +60,12 @@ def polar_eigh(m: torch.Tensor) -> torch.Tensor:
     return inv_root @ m if wide else m @ inv_root
 
 
-def polar_eigh_polished(m: torch.Tensor, steps: int = 2) -> torch.Tensor:
-    """``polar_eigh`` followed by Newton-Schulz steps ``Q <- 1.5 Q - 0.5 Q Q^T Q`` (matrix
-    products only), which restore orthonormality; they do not undo the eigendecomposition's
-    error in the directions of small singular values."""
-    q = polar_eigh(m)
-    for _ in range(steps):
-        q = 1.5 * q - 0.5 * ((q @ q.T) @ q if q.shape[0] <= q.shape[1] else q @ (q.T @ q))
-    return q
-
-
 def ways(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     out = {"svd": lambda m: polar_svd(m, None)}
     if device.type == "cuda":
         out.update({d: (lambda m, d=d: polar_svd(m, d)) for d in ("gesvd", "gesvdj", "gesvda")})
     out["eigh"] = polar_eigh
-    out["eigh+ns2"] = polar_eigh_polished
+    out["engine eigh"] = lambda m: polar_factor(m, rank_rtol=0.0, solver="eigh")[0]
     return out
 
 

@@ -24,7 +24,9 @@ transport under cProfile (slower) and reports the top functions.
 ``--device cuda`` moves the three models and the calibration batches to the GPU, so the
 statistics are accumulated and the SVDs run there (float64, like on the CPU); every probe then
 synchronizes the device before reading the clock, and the JSON adds the peak GPU memory
-(``torch.cuda.max_memory_allocated``) next to the peak RSS.
+(``torch.cuda.max_memory_allocated``) next to the peak RSS. ``--solver`` picks the polar-factor
+solver of the maps (default ``auto``: the polished Gram eigendecomposition on CUDA, the SVD on the
+CPU; see ``warmstart/procrustes.py``).
 
 The JSON file is rewritten after every case, so a long run that is stopped keeps what it finished.
 
@@ -312,7 +314,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if profiler:
             profiler.enable()
         report = transport(source, finetuned, target, cal_s, target_calibration=cal_t_given,
-                           progress=False)
+                           solver=args.solver, progress=False)
         _sync()
         if profiler:
             profiler.disable()
@@ -331,6 +333,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
                      else platform.processor() or platform.machine()),
         threads=args.threads,
+        solver=report.options["solver"],
         torch=torch.__version__,
         setup_seconds=setup_s,
         floor=dict(seconds=floor, source_seconds=floor_s[0], target_seconds=floor_t[0],
@@ -374,7 +377,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--child",
-           "--threads", str(args.threads), "--device", args.device,
+           "--threads", str(args.threads), "--device", args.device, "--solver", args.solver,
            "--sentences", str(args.sentences),
            "--max-length", str(args.max_length)]
     if args.profile:
@@ -431,6 +434,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the models, the statistics and the SVDs live (default cpu)")
+    parser.add_argument("--solver", default="auto", choices=("auto", "svd", "eigh"),
+                        help="polar-factor solver of the maps (default auto: eigh on CUDA, svd "
+                        "on the CPU)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON result file (default bench/results/transport_cost.json)")
     parser.add_argument("--sentences", type=int, default=256, help="text case: sentences")

@@ -100,6 +100,7 @@ def test_gpu_transport_matches_the_cpu_transport(vit_pair, use_tf32, param_tol, 
     with tf32(use_tf32):
         gpu_report = transport(s, f, on_gpu, calibration, progress=False)  # batches on the CPU
     assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+    assert (cpu_report.options["solver"], gpu_report.options["solver"]) == ("svd", "eigh")
     worst, gap = _largest_gap(on_gpu, on_cpu, target)
     function_gap = _function_gap(on_gpu, on_cpu, target)
     print(f"GPU vs CPU, tf32={use_tf32}: largest relative update gap {gap:.2e} ({worst}), "
@@ -114,6 +115,21 @@ def test_gpu_transport_matches_the_cpu_transport(vit_pair, use_tf32, param_tol, 
         assert a.target_space == b.target_space
         assert abs(a.rank - b.rank) <= rank_slack, (a.target_space, a.rank, b.rank)
         assert a.residual == pytest.approx(b.residual, rel=1e-2, abs=1e-6)
+
+
+def test_gpu_solvers_agree(vit_pair):
+    """On the GPU, from the same statistics, the polished eigendecomposition (the default there)
+    and the SVD give the same ranks and nearly the same update."""
+    source, finetuned, target, calibration = vit_pair
+    s, f, by_svd = _on(CUDA, source, finetuned, target)
+    by_eigh = copy.deepcopy(by_svd)
+    svd_report = transport(s, f, by_svd, calibration, solver="svd", progress=False)
+    eigh_report = transport(s, f, by_eigh, calibration, progress=False)
+    assert eigh_report.options["solver"] == "eigh"
+    assert [m.rank for m in svd_report.maps] == [m.rank for m in eigh_report.maps]
+    worst, gap = _largest_gap(by_eigh, by_svd, target)
+    print(f"GPU eigh vs GPU svd: largest relative update gap {gap:.2e} ({worst})")
+    assert gap < 1e-4, (worst, gap)
 
 
 def test_source_on_cpu_target_on_gpu(vit_pair):

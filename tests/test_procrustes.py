@@ -1,4 +1,8 @@
-"""Properties of the Procrustes maps: recovery, orthonormality, invariances, errors."""
+"""Properties of the Procrustes maps: recovery, orthonormality, invariances, errors.
+
+The properties that define the map are checked for both polar-factor solvers (``svd`` and the
+polished ``eigh``); the two are also compared with each other on ill-conditioned matrices.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmstart.procrustes import CrossStatistics, crop_map, polar_factor, procrustes_map
+
+SOLVERS = pytest.mark.parametrize("solver", ["svd", "eigh"])
 
 
 def _semi_orthogonal(d_s: int, d_t: int, seed: int) -> torch.Tensor:
@@ -24,39 +30,42 @@ def _stats(a: torch.Tensor, b: torch.Tensor, grams: bool = False) -> CrossStatis
     return s
 
 
+@SOLVERS
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(d_s=st.integers(2, 24), extra=st.integers(0, 16), seed=st.integers(0, 10_000))
-def test_planted_map_is_recovered_when_widening(d_s, extra, seed):
+def test_planted_map_is_recovered_when_widening(d_s, extra, seed, solver):
     d_t = d_s + extra
     planted = _semi_orthogonal(d_s, d_t, seed)
     a = torch.randn(4 * d_t + 10, d_s, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed + 1))
-    m = procrustes_map(_stats(a, a @ planted))
+    m = procrustes_map(_stats(a, a @ planted), solver=solver)
     torch.testing.assert_close(m.map, planted, atol=1e-8, rtol=0)
     assert m.rank == d_s
     assert m.residual < 1e-10
     assert m.alignment == pytest.approx(1.0, abs=1e-10)
 
 
+@SOLVERS
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(d_s=st.integers(1, 20), d_t=st.integers(1, 20), seed=st.integers(0, 10_000))
-def test_orthonormal_on_the_narrow_side(d_s, d_t, seed):
+def test_orthonormal_on_the_narrow_side(d_s, d_t, seed, solver):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(64, d_s, generator=g, dtype=torch.float64)
     b = torch.randn(64, d_t, generator=g, dtype=torch.float64)
-    t = procrustes_map(_stats(a, b)).map
+    t = procrustes_map(_stats(a, b), solver=solver).map
     narrow = t @ t.T if d_s <= d_t else t.T @ t
     torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
                                atol=1e-9, rtol=0)
 
 
+@SOLVERS
 @pytest.mark.parametrize("scale_s,scale_t", [(10.0, 1.0), (1.0, 1e-3), (7.5, 250.0)])
-def test_invariant_to_scaling_the_activations(scale_s, scale_t):
+def test_invariant_to_scaling_the_activations(scale_s, scale_t, solver):
     g = torch.Generator().manual_seed(3)
     a = torch.randn(200, 12, generator=g, dtype=torch.float64)
     b = torch.randn(200, 20, generator=g, dtype=torch.float64) + a @ _semi_orthogonal(12, 20, 4)
-    base = procrustes_map(_stats(a, b)).map
-    scaled = procrustes_map(_stats(scale_s * a, scale_t * b)).map
+    base = procrustes_map(_stats(a, b), solver=solver).map
+    scaled = procrustes_map(_stats(scale_s * a, scale_t * b), solver=solver).map
     torch.testing.assert_close(base, scaled, atol=1e-10, rtol=0)
 
 
@@ -111,15 +120,16 @@ def test_full_whitening_recovers_a_map_under_anisotropic_scaling():
     torch.testing.assert_close(m.map, planted, atol=1e-6, rtol=0)
 
 
-def test_rank_deficient_directions_are_left_out_or_completed():
+@SOLVERS
+def test_rank_deficient_directions_are_left_out_or_completed(solver):
     g = torch.Generator().manual_seed(13)
     basis = torch.randn(3, 8, generator=g, dtype=torch.float64)
     a = torch.randn(100, 3, generator=g, dtype=torch.float64) @ basis  # rank 3 of 8
     b = torch.cat([a, torch.zeros(100, 4, dtype=torch.float64)], 1)
-    left_out = procrustes_map(_stats(a, b))
+    left_out = procrustes_map(_stats(a, b), solver=solver)
     assert left_out.rank == 3 and left_out.completed == 0
     assert torch.linalg.matrix_rank(left_out.map).item() == 3
-    completed = procrustes_map(_stats(a, b), completion="crop")
+    completed = procrustes_map(_stats(a, b), completion="crop", solver=solver)
     assert completed.rank == 3 and completed.completed == 5
     torch.testing.assert_close(completed.map @ completed.map.T,
                                torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
@@ -127,10 +137,11 @@ def test_rank_deficient_directions_are_left_out_or_completed():
     torch.testing.assert_close(a @ completed.map, b, atol=1e-9, rtol=0)
 
 
-def test_polar_factor_is_unique_under_repeated_singular_values():
+@SOLVERS
+def test_polar_factor_is_unique_under_repeated_singular_values(solver):
     m = torch.diag(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
     q = _semi_orthogonal(3, 3, 14)
-    factor, rank = polar_factor(m @ q)
+    factor, rank = polar_factor(m @ q, solver=solver)
     assert rank == 3
     torch.testing.assert_close(factor, q, atol=1e-12, rtol=0)
 
@@ -146,6 +157,8 @@ def test_bad_input_raises_clear_errors():
         procrustes_map(s, whiten=0.25)
     with pytest.raises(ValueError, match="completion must be 'none' or 'crop'"):
         procrustes_map(s, completion="zeros")
+    with pytest.raises(ValueError, match=r"solver must be one of \('auto', 'svd', 'eigh'\)"):
+        procrustes_map(s, solver="qr")
     with pytest.raises(ValueError, match="same count"):
         s.update(torch.randn(5, 3), torch.randn(6, 4))
     with pytest.raises(ValueError, match="do not match the statistics' 3 x 4"):
@@ -160,19 +173,66 @@ def test_bad_input_raises_clear_errors():
         procrustes_map(bad)
 
 
+@SOLVERS
 @pytest.mark.parametrize("d_s,d_t", [(8, 12), (12, 8), (10, 10)])
-def test_completion_equals_the_projected_crop_map(d_s, d_t):
+def test_completion_equals_the_projected_crop_map(d_s, d_t, solver):
     g = torch.Generator().manual_seed(15)
     a = torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.randn(
         3, d_s, generator=g, dtype=torch.float64)  # rank 3 on the source side
     b = torch.randn(60, d_t, generator=g, dtype=torch.float64)
     stats = _stats(a, b)
-    partial = procrustes_map(stats).map
+    partial = procrustes_map(stats, solver=solver).map
     free_s = torch.eye(d_s, dtype=torch.float64) - partial @ partial.T
     free_t = torch.eye(d_t, dtype=torch.float64) - partial.T @ partial
     filler, _ = polar_factor(free_s @ crop_map(d_s, d_t) @ free_t)
-    completed = procrustes_map(stats, completion="crop")
+    completed = procrustes_map(stats, completion="crop", solver=solver)
     torch.testing.assert_close(completed.map, partial + filler, atol=1e-10, rtol=0)
     narrow = completed.map @ completed.map.T if d_s <= d_t else completed.map.T @ completed.map
     torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
                                atol=1e-10, rtol=0)
+
+
+def _spread_spectrum(d_s: int, d_t: int, decades: float, seed: int) -> torch.Tensor:
+    """A d_s x d_t matrix with singular values log-spaced from 1 down to 10**-decades."""
+    u = _semi_orthogonal(d_s, min(d_s, d_t), seed) if d_s > d_t else _semi_orthogonal(
+        d_s, d_s, seed)
+    v = _semi_orthogonal(min(d_s, d_t), d_t, seed + 1)
+    k = min(d_s, d_t)
+    return (u[:, :k] * torch.logspace(0, -decades, k, dtype=torch.float64)) @ v
+
+
+@pytest.mark.parametrize("d_s,d_t", [(96, 128), (128, 96)])
+@pytest.mark.parametrize("decades", [2.0, 5.5])
+def test_eigh_solver_agrees_with_the_svd_on_ill_conditioned_matrices(d_s, d_t, decades):
+    # The Gram squares the condition number: unpolished, eigh's factor is off by ~1e-5 here.
+    m = _spread_spectrum(d_s, d_t, decades, seed=16)
+    exact, rank_svd = polar_factor(m, solver="svd")
+    fast, rank_eigh = polar_factor(m, solver="eigh")
+    assert rank_svd == rank_eigh == min(d_s, d_t)
+    tolerance = 1e-10 if decades < 3 else 1e-6
+    torch.testing.assert_close(fast, exact, atol=tolerance, rtol=0)
+    narrow = fast @ fast.T if d_s <= d_t else fast.T @ fast
+    torch.testing.assert_close(narrow, torch.eye(min(d_s, d_t), dtype=torch.float64),
+                               atol=1e-11, rtol=0)
+
+
+def test_eigh_solver_finds_the_rank_the_svd_finds():
+    # Singular values straddle the 1e-6 threshold: 1 ... 1e-5 kept, 1e-7 and exact zeros dropped.
+    s = torch.tensor([1.0, 0.1, 1e-3, 1e-5, 1e-7, 0.0, 0.0], dtype=torch.float64)
+    u, v = _semi_orthogonal(7, 7, 17), _semi_orthogonal(7, 11, 18)
+    m = (u * s) @ v
+    for matrix in (m, m.T):
+        exact, rank_svd = polar_factor(matrix, solver="svd")
+        fast, rank_eigh = polar_factor(matrix, solver="eigh")
+        assert rank_svd == rank_eigh == 4
+        # The direction of s = 1e-5 is resolved to about eps / 1e-10 through the Gram; float32
+        # statistics (relative noise ~1e-7) determine it far less well than that.
+        torch.testing.assert_close(fast, exact, atol=1e-6, rtol=0)
+
+
+def test_auto_solver_is_svd_on_cpu():
+    from warmstart.procrustes import resolve_solver
+
+    assert resolve_solver("auto", torch.device("cpu")) == "svd"
+    assert resolve_solver("auto", torch.device("cuda", 0)) == "eigh"
+    assert resolve_solver("eigh", torch.device("cpu")) == "eigh"

@@ -77,9 +77,10 @@ class TaskVectorTransport(Callback):
         calibration_batches: training batches used to align activations.
         alpha: strength, or ``auto`` to pick it from ``alpha_grid`` by validation loss on
             ``alpha_val_batches`` validation batches (forward passes only).
-        center, whiten, completion, depthwise, embeddings, depth_mapping, bn_recalibration,
-            strict: transport options (see :func:`warmstart.transport`); ``bn_recalibration``
-            re-estimates BatchNorm statistics from that many of the calibration batches.
+        center, whiten, completion, solver, depthwise, embeddings, depth_mapping,
+            bn_recalibration, strict: transport options (see :func:`warmstart.transport`);
+            ``bn_recalibration`` re-estimates BatchNorm statistics from that many of the
+            calibration batches.
         source_model_kwargs: extra arguments for building the source (e.g. a tiny timm ViT's size).
         target_attribute: attribute of the LightningModule that holds the target network.
         report_name: file name of the transport report in the run's log directory; a report left
@@ -99,6 +100,7 @@ class TaskVectorTransport(Callback):
         center: bool = False,
         whiten: float = 0.0,
         completion: Literal["none", "crop"] = "crop",
+        solver: Literal["auto", "svd", "eigh"] = "auto",
         depthwise: Literal["diagonal", "zero"] = "diagonal",
         embeddings: Literal["zero", "map"] = "zero",
         depth_mapping: list[int] | None = None,
@@ -119,7 +121,7 @@ class TaskVectorTransport(Callback):
         self.config = TransportConfig(
             str(source_pretrained), str(source_finetuned), method, int(calibration_batches),
             alpha, tuple(alpha_grid or DEFAULT_ALPHA_GRID), int(alpha_val_batches), bool(center),
-            float(whiten), completion, depthwise, embeddings,
+            float(whiten), completion, solver, depthwise, embeddings,
             tuple(depth_mapping) if depth_mapping else None, int(bn_recalibration), bool(strict),
             dict(source_model_kwargs or {}), target_attribute,
         )

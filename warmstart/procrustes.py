@@ -11,6 +11,15 @@ has full rank, even when singular values repeat.
 Directions on which ``C`` vanishes are not determined by the data. They are left out (``T`` is then
 a partial isometry of rank ``r``) unless ``completion="crop"`` asks for the deterministic completion
 documented in :func:`procrustes_map`.
+
+Two solvers compute the polar factor (``solver=``):
+
+- ``svd``: a float64 thin SVD, the reference; the default on the CPU.
+- ``eigh``: an eigendecomposition of the narrow-side Gram ``C C^T``, then two Newton-Schulz steps.
+  A GPU computes it about 15 times faster than the SVD (0.075 s against 1.17 s for 3072 x 3584 on
+  an H100, ``bench/polar_cost.py``), so it is the default there (``solver="auto"``). On matrices
+  whose singular values span six decades it is within 2e-6 of the SVD's factor and orthonormal to
+  3e-12; the float32 noise in the statistics already moves the maps by more than that.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import torch
 from torch import Tensor
 
 Completion = Literal["none", "crop"]
+Solver = Literal["auto", "svd", "eigh"]
+SOLVERS = ("auto", "svd", "eigh")
 
 
 @dataclass
@@ -133,26 +144,34 @@ class ProcrustesMap:
         return min(self.map.shape)
 
 
-def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6) -> tuple[Tensor, int]:
+def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6, solver: Solver = "svd"
+                 ) -> tuple[Tensor, int]:
     """Polar factor ``U_r V_r^T`` of ``matrix`` restricted to its numerical rank ``r``.
 
     Returns the factor (same shape as ``matrix``, float64) and ``r``. Singular values at or below
     ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the
-    data.
+    data. ``solver``: see the module's docstring.
     """
-    factor, rank, _ = _polar(matrix, rank_rtol)
+    factor, rank, _ = _polar(matrix, rank_rtol, solver)
     return factor, rank
 
 
-def _polar(matrix: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
-    """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
-    the narrow side (in R^rows when rows <= columns, else in R^columns).
+def resolve_solver(solver: Solver, device: torch.device) -> str:
+    """``auto`` -> ``eigh`` on CUDA devices, ``svd`` elsewhere; other names are checked."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    if solver == "auto":
+        return "eigh" if device.type == "cuda" else "svd"
+    return solver
 
-    A thin SVD in float64. Forming the narrow-side Gram and eigendecomposing it is twice as fast,
-    but real cross moments are ill-conditioned (kept singular values spanning 1e3 to 1e6), where
-    squaring them lost orthonormality (errors up to eps * condition^2), so it is not used.
-    """
-    return _polar_svd(matrix.double(), rank_rtol)
+
+def _polar(matrix: Tensor, rank_rtol: float, solver: Solver) -> tuple[Tensor, int, Tensor]:
+    """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
+    the narrow side (in R^rows when rows <= columns, else in R^columns)."""
+    m = matrix.double()
+    if resolve_solver(solver, m.device) == "eigh":
+        return _polar_eigh(m, rank_rtol)
+    return _polar_svd(m, rank_rtol)
 
 
 def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
@@ -164,6 +183,32 @@ def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
     factor = u[:, keep] @ vh[keep]
     free = u[:, ~keep] if m.shape[0] <= m.shape[1] else vh[~keep].T
     return factor, int(keep.sum()), free
+
+
+def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2) -> tuple[Tensor, int, Tensor]:
+    """The polar factor from the eigenvectors ``W`` of the narrow-side Gram.
+
+    ``W^T C`` has rows ``s_i v_i^T``. Their norms give the singular values to float64 accuracy
+    relative to ``s_max`` (the Gram's eigenvalues ``s_i^2`` would lose the small ones), so the
+    rank test is as reliable as the SVD's. Normalising the rows gives ``V^T``, whose rows are
+    unit length but, for small ``s_i``, not quite orthogonal: the Gram squares the condition
+    number. Newton-Schulz steps ``Z <- 1.5 Z - 0.5 Z Z^T Z`` (matrix products only, quadratic
+    convergence) restore orthonormality.
+    """
+    if m.shape[0] > m.shape[1]:
+        factor, rank, free = _polar_eigh(m.T, rank_rtol, polish_steps)
+        return factor.T, rank, free
+    _, basis = torch.linalg.eigh(m @ m.T)
+    rotated = basis.T @ m
+    sigma = torch.linalg.vector_norm(rotated, dim=1)
+    s_max = float(sigma.max()) if sigma.numel() else 0.0
+    if s_max == 0.0:
+        return torch.zeros_like(m), 0, basis
+    keep = sigma > rank_rtol * s_max
+    z = rotated[keep] / sigma[keep, None]
+    for _ in range(polish_steps):
+        z = 1.5 * z - 0.5 * ((z @ z.T) @ z)
+    return basis[:, keep] @ z, int(keep.sum()), basis[:, ~keep]
 
 
 def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
@@ -190,6 +235,7 @@ def procrustes_map(
     completion: Completion = "none",
     rank_rtol: float = 1e-6,
     eig_floor: float = 1e-6,
+    solver: Solver = "auto",
 ) -> ProcrustesMap:
     """Map from statistics. Default (the method's): uncentred, no whitening, no completion.
 
@@ -200,11 +246,14 @@ def procrustes_map(
     - ``completion="crop"``: fill the undetermined directions with the polar factor of the naive
       crop map projected onto the orthogonal complements of the determined subspaces. Deterministic
       (a polar factor is unique) and semi-orthogonal overall.
+    - ``solver``: ``svd``, ``eigh`` or ``auto`` (``eigh`` on CUDA, ``svd`` elsewhere); see the
+      module's docstring.
     """
     if not 0.0 <= whiten <= 0.5 or math.isnan(whiten):
         raise ValueError(f"whiten must be a power in [0, 0.5], got {whiten!r}.")
     if completion not in ("none", "crop"):
         raise ValueError(f"completion must be 'none' or 'crop', got {completion!r}.")
+    solver = resolve_solver(solver, stats.cross.device)
     if whiten > 0 and not stats.with_grams:
         raise ValueError(
             f"whiten={whiten} needs Gram matrices; accumulate CrossStatistics(with_grams=True)."
@@ -227,15 +276,16 @@ def procrustes_map(
     if whiten > 0:
         cross = (_inverse_root(gram_s, whiten, eig_floor) @ cross
                  @ _inverse_root(gram_t, whiten, eig_floor))
-    transport, rank, free = _polar(cross, rank_rtol)
+    transport, rank, free = _polar(cross, rank_rtol, solver)
     completed = 0
     if completion == "crop" and rank < min(cross.shape):
-        transport, completed = _complete(transport, free, rank_rtol)
+        transport, completed = _complete(transport, free, rank_rtol, solver)
     residual, alignment = _fit_quality(stats, transport, center)
     return ProcrustesMap(transport, rank, n, residual, alignment, completed)
 
 
-def _complete(partial: Tensor, free: Tensor, rank_rtol: float) -> tuple[Tensor, int]:
+def _complete(partial: Tensor, free: Tensor, rank_rtol: float, solver: Solver
+              ) -> tuple[Tensor, int]:
     """Add the polar factor of the crop map restricted to the undetermined directions.
 
     ``free`` [d_narrow, k] spans the narrow side's undetermined directions; the other side's are
@@ -247,12 +297,12 @@ def _complete(partial: Tensor, free: Tensor, rank_rtol: float) -> tuple[Tensor, 
         restricted = torch.zeros(free.shape[1], d_t, dtype=partial.dtype, device=partial.device)
         restricted[:, :d_s] = free.T  # free^T (crop map)
         restricted -= (restricted @ partial.T) @ partial  # ... then off the target's used span
-        filler, added = polar_factor(restricted, rank_rtol)
+        filler, added = polar_factor(restricted, rank_rtol, solver)
         return partial + free @ filler, added
     restricted = torch.zeros(d_s, free.shape[1], dtype=partial.dtype, device=partial.device)
     restricted[:d_t] = free  # (crop map) free
     restricted -= partial @ (partial.T @ restricted)
-    filler, added = polar_factor(restricted, rank_rtol)
+    filler, added = polar_factor(restricted, rank_rtol, solver)
     return partial + filler @ free.T, added
 
 

@@ -20,12 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from . import rules
-from .activations import collect_statistics
+from .activations import collect_statistics, model_device
 from .families import describe_model
 from .families.base import ModelLayout, ParamRole, SpaceKey
 from .matching import DepthMapping, Matching, check_depth_mapping, match
 from .norms import batchnorm_layers, recalibrate_batchnorm
-from .procrustes import Completion, ProcrustesMap, procrustes_map
+from .procrustes import (
+    SOLVERS,
+    Completion,
+    ProcrustesMap,
+    Solver,
+    procrustes_map,
+    resolve_solver,
+)
 from .task_vector import as_state_dict, task_vector
 from .transport_report import MapReport, ParamReport, TransportReport
 
@@ -40,6 +47,7 @@ class MapOptions:
     whiten: float = 0.0
     completion: Completion = "crop"
     rank_rtol: float = 1e-6
+    solver: Solver = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str) -> None:
+def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embeddings: str,
+                  solver: str = "auto") -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
@@ -131,6 +140,8 @@ def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embedd
         raise ValueError(f"depthwise must be 'diagonal' or 'zero', got {depthwise!r}.")
     if embeddings not in ("zero", "map"):
         raise ValueError(f"embeddings must be 'zero' or 'map', got {embeddings!r}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
 
 
 def transport(
@@ -147,6 +158,7 @@ def transport(
     center: bool = False,
     whiten: float = 0.0,
     completion: Completion = "crop",
+    solver: Solver = "auto",
     depthwise: Literal["diagonal", "zero"] = "diagonal",
     embeddings: Literal["zero", "map"] = "zero",
     depth_mapping: DepthMapping = None,
@@ -175,6 +187,10 @@ def transport(
             determines with the crop map restricted to them, so identical models still get
             exactly tau on real, rank-deficient activations (EfficientNet-Lite0 onto itself:
             0.953 val accuracy with "crop" against 0.195 with "none"); "none" leaves them out.
+        solver: how the maps' polar factors are computed: ``svd`` (exact), ``eigh`` (a Gram
+            eigendecomposition polished by Newton-Schulz steps, within 2e-6 of the SVD and about
+            15 times faster on a GPU) or ``auto`` (``eigh`` where the statistics sit on a CUDA
+            device, ``svd`` otherwise).
         depthwise: ``diagonal`` transports depthwise convs by the diagonal rule, ``zero`` leaves
             them at the target's weights.
         embeddings: ``zero`` (the method's default) or ``map`` (feature dimension mapped).
@@ -184,7 +200,7 @@ def transport(
             each ``alpha="auto"`` trial.
         strict: error on parameters that cannot be matched; when False they are skipped and listed.
     """
-    check_options(method, alpha, whiten, depthwise, embeddings)
+    check_options(method, alpha, whiten, depthwise, embeddings, solver)
     if isinstance(bn_recalibration, bool) or not isinstance(bn_recalibration, int) \
             or bn_recalibration < 0:
         raise ValueError(f"bn_recalibration must be a number of batches >= 0, got "
@@ -206,7 +222,9 @@ def transport(
     layout_s = describe_model(source_pretrained, source_family)
     layout_t = describe_model(target, target_family)
     matching = match(layout_s, layout_t, depth_mapping)
-    opts = MapOptions(center, float(whiten), completion)
+    # the statistics, hence the maps, live on the target's device
+    solver = resolve_solver(solver, model_device(target))
+    opts = MapOptions(center, float(whiten), completion, solver=solver)
     update, timings = compute_update(
         source_pretrained, finetuned, target, layout_s, layout_t, matching, calibration,
         target_calibration, method, opts, depthwise, embeddings, strict, max_batches, progress,
@@ -222,7 +240,7 @@ def transport(
     timings["apply"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     options = dict(method=method, center=center, whiten=whiten, completion=completion,
-                   depthwise=depthwise, embeddings=embeddings, strict=strict,
+                   solver=solver, depthwise=depthwise, embeddings=embeddings, strict=strict,
                    bn_recalibration=bn_recalibration,
                    max_batches=max_batches)
     return TransportReport(
@@ -295,7 +313,8 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
         maps = {}
         for key in list(stats):  # each space's statistics are freed once its map exists
             maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
-                                       completion=opts.completion, rank_rtol=opts.rank_rtol)
+                                       completion=opts.completion, rank_rtol=opts.rank_rtol,
+                                       solver=opts.solver)
         timings["maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,

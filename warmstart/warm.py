@@ -42,6 +42,7 @@ class TransportConfig:
     center: bool = False
     whiten: float = 0.0
     completion: Literal["none", "crop"] = "crop"
+    solver: Literal["auto", "svd", "eigh"] = "auto"
     depthwise: Literal["diagonal", "zero"] = "diagonal"
     embeddings: Literal["zero", "map"] = "zero"
     depth_mapping: tuple[int, ...] | None = None
@@ -51,7 +52,8 @@ class TransportConfig:
     target_attribute: str = "model"
 
     def check(self) -> None:
-        check_options(self.method, self.alpha, self.whiten, self.depthwise, self.embeddings)
+        check_options(self.method, self.alpha, self.whiten, self.depthwise, self.embeddings,
+                      self.solver)
         if self.alpha == "auto":
             check_alpha_grid(self.alpha_grid)
         check_depth_mapping(self.depth_mapping)
@@ -186,7 +188,8 @@ def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[di
         source, finetuned, target, calibration, target_calibration=target_calibration,
         method=config.method, alpha=config.alpha, alpha_grid=config.alpha_grid,
         evaluate=evaluate_fn, center=config.center, whiten=config.whiten,
-        completion=config.completion, depthwise=config.depthwise, embeddings=config.embeddings,
+        completion=config.completion, solver=config.solver, depthwise=config.depthwise,
+        embeddings=config.embeddings,
         depth_mapping=list(config.depth_mapping) if config.depth_mapping else None,
         bn_recalibration=config.bn_recalibration, strict=config.strict, progress=progress,
     )
