@@ -28,6 +28,12 @@ synchronizes the device before reading the clock, and the JSON adds the peak GPU
 solver of the maps (default ``auto``: the polished Gram eigendecomposition on CUDA, the SVD on the
 CPU; see ``warmstart/procrustes.py``).
 
+The child also counts FLOPs (``torch.utils.flop_counter``, one more pass over the calibration
+batches, not timed): those of the floor's forward passes, and those of the statistics' products
+(``CrossStatistics.update``: 2 x rows x d_source x d_target per observed point). Their ratio gives
+an arithmetic lower bound, ``1 + cross/forward``, on total/floor for any transport that
+accumulates these exact statistics, however cheap its maps; the JSON keeps both FLOP rates.
+
 The JSON file is rewritten after every case, so a long run that is stopped keeps what it finished.
 
 Usage:
@@ -178,6 +184,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def forward_flops(model, batches) -> int:
+    """FLOPs of bare forward passes over ``batches``, counted by torch's ``FlopCounterMode``
+    (matrix products, convolutions and attention; 2 FLOPs per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    # the CPU's fused attention kernel has no formula in torch's registry
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa} if cpu_sdpa else {})
+    model.eval()
+    with torch.no_grad(), counter:
+        for b in batches:
+            _call(model, b)
+    return counter.get_total_flops()
+
+
 def _to(batch, device):
     return ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict)
             else batch.to(device))
@@ -212,6 +237,7 @@ def engine_probes():
         "maps_by_shape": defaultdict(lambda: [0, 0.0]),
         "update_by_shape": defaultdict(lambda: [0, 0.0]),
         "pair_rows": [0, 0.0],
+        "cross_flops": 0,
         "stats_bytes": 0,
         "stats_spaces": 0,
     }
@@ -236,6 +262,10 @@ def engine_probes():
         entry = probes["update_by_shape"][f"{self.d_source}x{self.d_target}"]
         entry[0] += 1
         entry[1] += time.perf_counter() - t0
+        widths = self.d_source * self.d_target
+        if self.with_grams:
+            widths += self.d_source ** 2 + self.d_target ** 2
+        probes["cross_flops"] += 2 * a.shape[0] * widths
 
     def timed_pair(*args, **kw):
         t0 = time.perf_counter()
@@ -299,6 +329,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     floor_seconds(target, cal_t[:1])
     floor_s = floor_seconds(source, cal_s)
     floor_t = floor_seconds(target, cal_t)
+    floor_flops = forward_flops(source, cal_s) + forward_flops(target, cal_t)
     rss_before = _rss_mb()
     profiler = None
     if args.profile:
@@ -349,6 +380,16 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             hooks_checks_other_seconds=timings["statistics"] - update_s - pair_s - floor,
             update_by_shape={k: dict(calls=v[0], seconds=v[1])
                              for k, v in sorted(probes["update_by_shape"].items())},
+        ),
+        arithmetic=dict(
+            forward_flops=floor_flops,
+            cross_flops=probes["cross_flops"],
+            cross_per_forward=probes["cross_flops"] / floor_flops,
+            # the statistics' products alone, at the forward passes' FLOP rate, on top of the
+            # forward passes: no transport of these points with exact statistics goes below it
+            total_floor_bound=1 + probes["cross_flops"] / floor_flops,
+            forward_gflops_per_s=floor_flops / floor / 1e9 if floor > 0 else None,
+            cross_gflops_per_s=probes["cross_flops"] / update_s / 1e9 if update_s > 0 else None,
         ),
         maps_by_shape={k: dict(count=v[0], seconds=v[1])
                        for k, v in sorted(probes["maps_by_shape"].items())},
@@ -413,8 +454,11 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         )
     console = Console(width=max(Console().width, 150))
     console.print(table)
-    detail = Table(title="where the time goes (seconds)")
-    for col in ("case", "cross update", "pair_rows", "forwards", "hooks/checks", "SVD by shape"):
+    detail = Table(title="where the time goes (seconds); cross/forward: FLOPs of the statistics' "
+                         "products per FLOP of the bare forwards; bound: 1 + cross/forward, the "
+                         "least total/floor at the forwards' FLOP rate")
+    for col in ("case", "cross update", "pair_rows", "forwards", "hooks/checks", "cross/forward",
+                "bound", "SVD by shape"):
         detail.add_column(col, justify="left" if col in ("case", "SVD by shape") else "right")
     for name, r in results.items():
         b = r["statistics_breakdown"]
@@ -423,7 +467,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
                                            key=lambda kv: -kv[1]["seconds"]))
         detail.add_row(name, f"{b['cross_update_seconds']:.1f}", f"{b['pair_rows_seconds']:.1f}",
                        f"{b['forward_floor_seconds']:.1f}",
-                       f"{b['hooks_checks_other_seconds']:.1f}", svd)
+                       f"{b['hooks_checks_other_seconds']:.1f}",
+                       f"{r['arithmetic']['cross_per_forward']:.2f}",
+                       f"{r['arithmetic']['total_floor_bound']:.2f}", svd)
     console.print(detail)
 
 
