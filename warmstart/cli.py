@@ -139,6 +139,7 @@ def _demo_command(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if command in ("-h", "--help", None):
                 print(__doc__)
-            _lightning_cli()(args=argv)
+            # from the console script LightningCLI reads sys.argv itself (given both, it warns)
+            _lightning_cli()(args=None if from_command_line else argv)
     except USER_ERRORS as err:
         print(f"warmstart: error: {err}", file=sys.stderr)
         return 2
