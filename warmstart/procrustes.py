@@ -144,7 +144,7 @@ class ProcrustesMap:
         return min(self.map.shape)
 
 
-def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6, solver: Solver = "svd"
+def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6, solver: Solver = "auto"
                  ) -> tuple[Tensor, int]:
     """Polar factor ``U_r V_r^T`` of ``matrix`` restricted to its numerical rank ``r``.
 
