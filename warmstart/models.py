@@ -135,6 +135,11 @@ def build_model(
 
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     local_file = pretrained and "file" in overlay
+    if local_file and not str(overlay["file"]).endswith(".npz"):
+        # A state dict (safetensors / .pth). Models whose hub weights were JAX .npz files (ViTs)
+        # carry custom_load=True, which newer timm releases honour for local files as well and
+        # then refuse anything but .npz; ask for timm's state-dict loader instead.
+        kwargs["pretrained_cfg_overlay"] = {"custom_load": False, **overlay}
     if pretrained and not local_file and "checkpoint_path" not in kwargs:
         warnings.warn(
             f"timm model {backbone!r} is randomly initialised: no hub is reachable and no local "
