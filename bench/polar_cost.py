@@ -65,7 +65,8 @@ def ways(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tenso
     if device.type == "cuda":
         out.update({d: (lambda m, d=d: polar_svd(m, d)) for d in ("gesvd", "gesvdj", "gesvda")})
     out["eigh"] = polar_eigh
-    out["engine eigh"] = lambda m: polar_factor(m, rank_rtol=0.0, solver="eigh")[0]
+    # rank_rtol 1e-7 keeps every planted direction (down to 1e-6) and stays in eigh's range
+    out["engine eigh"] = lambda m: polar_factor(m, rank_rtol=1e-7, solver="eigh")[0]
     return out
 
 

@@ -32,7 +32,8 @@ The child also counts FLOPs (``torch.utils.flop_counter``, one more pass over th
 batches, not timed): those of the floor's forward passes, and those of the statistics' products
 (``CrossStatistics.update``: 2 x rows x d_source x d_target per observed point). Their ratio gives
 an arithmetic lower bound, ``1 + cross/forward``, on total/floor for any transport that
-accumulates these exact statistics, however cheap its maps; the JSON keeps both FLOP rates.
+accumulates these exact statistics, however cheap its maps, as long as its products run no faster
+per FLOP than the forward passes; the JSON keeps both FLOP rates to check that.
 
 The JSON file is rewritten after every case, so a long run that is stopped keeps what it finished.
 
@@ -385,8 +386,9 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             forward_flops=floor_flops,
             cross_flops=probes["cross_flops"],
             cross_per_forward=probes["cross_flops"] / floor_flops,
-            # the statistics' products alone, at the forward passes' FLOP rate, on top of the
-            # forward passes: no transport of these points with exact statistics goes below it
+            # the statistics' products alone, on top of the forward passes: no transport that
+            # accumulates these exact statistics goes below it while its products run no faster
+            # per FLOP than the forwards (the two rates below say whether they do)
             total_floor_bound=1 + probes["cross_flops"] / floor_flops,
             forward_gflops_per_s=floor_flops / floor / 1e9 if floor > 0 else None,
             cross_gflops_per_s=probes["cross_flops"] / update_s / 1e9 if update_s > 0 else None,

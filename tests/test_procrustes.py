@@ -236,3 +236,21 @@ def test_auto_solver_is_svd_on_cpu():
     assert resolve_solver("auto", torch.device("cpu")) == "svd"
     assert resolve_solver("auto", torch.device("cuda", 0)) == "eigh"
     assert resolve_solver("eigh", torch.device("cpu")) == "eigh"
+
+
+def test_eigh_solver_falls_back_to_the_svd_where_the_gram_cannot_resolve():
+    from warmstart.procrustes import EIGH_MIN_RTOL, _polar_eigh
+
+    # Singular values over ten decades: the Gram's eigenvalues resolve them only down to about
+    # sqrt(eps), so a rank threshold of 1e-9 is out of its reach and the SVD answers instead.
+    m = _spread_spectrum(60, 80, 10.0, seed=19)
+    for rtol in (1e-9, 0.0):
+        assert rtol < EIGH_MIN_RTOL
+        exact, rank_svd = polar_factor(m, rtol, solver="svd")
+        fallback, rank_eigh = polar_factor(m, rtol, solver="eigh")
+        assert rank_eigh == rank_svd
+        torch.testing.assert_close(fallback, exact, atol=1e-12, rtol=0)
+    # Unpolished, the factor is not orthonormal on a six-decade spectrum: the check refuses it.
+    six = _spread_spectrum(60, 80, 6.0, seed=20)
+    assert _polar_eigh(six, 1e-6, polish_steps=0) is None
+    assert _polar_eigh(six, 1e-6) is not None

@@ -16,10 +16,12 @@ Two solvers compute the polar factor (``solver=``):
 
 - ``svd``: a float64 thin SVD, the reference; the default on the CPU.
 - ``eigh``: an eigendecomposition of the narrow-side Gram ``C C^T``, then two Newton-Schulz steps.
-  A GPU computes it about 15 times faster than the SVD (0.075 s against 1.17 s for 3072 x 3584 on
-  an H100, ``bench/polar_cost.py``), so it is the default there (``solver="auto"``). On matrices
-  whose singular values span six decades it is within 2e-6 of the SVD's factor and orthonormal to
-  3e-12; the float32 noise in the statistics already moves the maps by more than that.
+  A GPU computes it about 15 times faster than the SVD for the large maps (0.076 s against 1.17 s
+  for 3072 x 3584 on an H100, ``bench/polar_cost.py``), so it is the default there
+  (``solver="auto"``). On matrices whose singular values span six decades its factor differs
+  from the SVD's by 2e-6 per direction (RMS) and is orthonormal to 3e-12; the float32 noise in
+  the statistics already moves the maps by more than that. It falls back to the SVD when
+  ``rank_rtol`` is below ``EIGH_MIN_RTOL`` (1e-7) or its result is not orthonormal to 1e-9.
 """
 
 from __future__ import annotations
@@ -165,12 +167,19 @@ def resolve_solver(solver: Solver, device: torch.device) -> str:
     return solver
 
 
+# The Gram squares singular values, so eigh resolves them only down to about sqrt(eps) of the
+# largest: below this rank_rtol the SVD is used instead.
+EIGH_MIN_RTOL = 1e-7
+
+
 def _polar(matrix: Tensor, rank_rtol: float, solver: Solver) -> tuple[Tensor, int, Tensor]:
     """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
     the narrow side (in R^rows when rows <= columns, else in R^columns)."""
     m = matrix.double()
-    if resolve_solver(solver, m.device) == "eigh":
-        return _polar_eigh(m, rank_rtol)
+    if resolve_solver(solver, m.device) == "eigh" and rank_rtol >= EIGH_MIN_RTOL:
+        result = _polar_eigh(m, rank_rtol)
+        if result is not None:
+            return result
     return _polar_svd(m, rank_rtol)
 
 
@@ -185,19 +194,22 @@ def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
     return factor, int(keep.sum()), free
 
 
-def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2) -> tuple[Tensor, int, Tensor]:
-    """The polar factor from the eigenvectors ``W`` of the narrow-side Gram.
+def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2,
+                orthonormality_tol: float = 1e-9) -> tuple[Tensor, int, Tensor] | None:
+    """The polar factor from the eigenvectors ``W`` of the narrow-side Gram, or ``None`` when
+    its result fails the orthonormality check (the caller then uses the SVD).
 
-    ``W^T C`` has rows ``s_i v_i^T``. Their norms give the singular values to float64 accuracy
-    relative to ``s_max`` (the Gram's eigenvalues ``s_i^2`` would lose the small ones), so the
-    rank test is as reliable as the SVD's. Normalising the rows gives ``V^T``, whose rows are
-    unit length but, for small ``s_i``, not quite orthogonal: the Gram squares the condition
-    number. Newton-Schulz steps ``Z <- 1.5 Z - 0.5 Z Z^T Z`` (matrix products only, quadratic
-    convergence) restore orthonormality.
+    ``W^T C`` has rows ``s_i v_i^T``; their norms estimate the singular values without squaring
+    them (the Gram's eigenvalues ``s_i^2`` lose everything below ``sqrt(eps) s_max``), which
+    keeps the rank test in step with the SVD's for ``rank_rtol >= EIGH_MIN_RTOL``. Directions
+    close to the threshold are resolved less well than by the SVD, but the float32 activations
+    behind real statistics determine them less well still. Normalising the rows gives ``V^T``,
+    whose rows are unit length but, for small ``s_i``, not quite orthogonal; Newton-Schulz steps
+    ``Z <- 1.5 Z - 0.5 Z Z^T Z`` (matrix products only, quadratic convergence) restore that.
     """
     if m.shape[0] > m.shape[1]:
-        factor, rank, free = _polar_eigh(m.T, rank_rtol, polish_steps)
-        return factor.T, rank, free
+        result = _polar_eigh(m.T, rank_rtol, polish_steps, orthonormality_tol)
+        return None if result is None else (result[0].T, result[1], result[2])
     _, basis = torch.linalg.eigh(m @ m.T)
     rotated = basis.T @ m
     sigma = torch.linalg.vector_norm(rotated, dim=1)
@@ -208,6 +220,10 @@ def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2) -> tuple[Ten
     z = rotated[keep] / sigma[keep, None]
     for _ in range(polish_steps):
         z = 1.5 * z - 0.5 * ((z @ z.T) @ z)
+    gram = z @ z.T
+    gram.diagonal().sub_(1.0)
+    if float(gram.abs().max()) > orthonormality_tol:
+        return None
     return basis[:, keep] @ z, int(keep.sum()), basis[:, ~keep]
 
 
@@ -290,7 +306,7 @@ def _complete(partial: Tensor, free: Tensor, rank_rtol: float, solver: Solver
 
     ``free`` [d_narrow, k] spans the narrow side's undetermined directions; the other side's are
     the complement of ``partial``'s span. Working in the k-dimensional basis keeps this to thin
-    products and a k x k eigendecomposition.
+    products and the polar factor of a matrix with k rows (or columns).
     """
     d_s, d_t = partial.shape
     if d_s <= d_t:
