@@ -189,8 +189,8 @@ def transport(
             0.953 val accuracy with "crop" against 0.195 with "none"); "none" leaves them out.
         solver: how the maps' polar factors are computed: ``svd`` (exact), ``eigh`` (a Gram
             eigendecomposition polished by Newton-Schulz steps, within 2e-6 of the SVD and about
-            15 times faster on a GPU) or ``auto`` (``eigh`` where the statistics sit on a CUDA
-            device, ``svd`` otherwise).
+            15 times faster on a GPU for large maps) or ``auto`` (``eigh`` where the statistics
+            sit on a CUDA device, ``svd`` otherwise).
         depthwise: ``diagonal`` transports depthwise convs by the diagonal rule, ``zero`` leaves
             them at the target's weights.
         embeddings: ``zero`` (the method's default) or ``map`` (feature dimension mapped).
