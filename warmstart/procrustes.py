@@ -158,10 +158,14 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6, solver: Solver = "auto
     return factor, rank
 
 
-def resolve_solver(solver: Solver, device: torch.device) -> str:
-    """``auto`` -> ``eigh`` on CUDA devices, ``svd`` elsewhere; other names are checked."""
+def check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+
+
+def resolve_solver(solver: Solver, device: torch.device) -> str:
+    """``auto`` -> ``eigh`` on CUDA devices, ``svd`` elsewhere; other names are checked."""
+    check_solver(solver)
     if solver == "auto":
         return "eigh" if device.type == "cuda" else "svd"
     return solver

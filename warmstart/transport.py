@@ -26,10 +26,10 @@ from .families.base import ModelLayout, ParamRole, SpaceKey
 from .matching import DepthMapping, Matching, check_depth_mapping, match
 from .norms import batchnorm_layers, recalibrate_batchnorm
 from .procrustes import (
-    SOLVERS,
     Completion,
     ProcrustesMap,
     Solver,
+    check_solver,
     procrustes_map,
     resolve_solver,
 )
@@ -140,8 +140,7 @@ def check_options(method: str, alpha: Any, whiten: float, depthwise: str, embedd
         raise ValueError(f"depthwise must be 'diagonal' or 'zero', got {depthwise!r}.")
     if embeddings not in ("zero", "map"):
         raise ValueError(f"embeddings must be 'zero' or 'map', got {embeddings!r}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    check_solver(solver)
 
 
 def transport(
