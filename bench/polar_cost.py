@@ -11,7 +11,7 @@ median wall time of ``--repeats`` runs, the distance to a reference factor (floa
 Ways: ``svd`` (torch's default driver), on CUDA also ``gesvd``, ``gesvdj`` and ``gesvda``;
 ``eigh`` (eigendecomposition of the narrow-side Gram, which squares the condition number, scaled
 by the inverse square roots of its eigenvalues); and ``engine eigh``, the engine's own
-``polar_factor(m, solver="eigh")`` (``warmstart/procrustes.py``): the same eigenvectors, singular
+``polar_factor(m, solver="eigh")`` (``warmstart/engine/procrustes.py``): the same eigenvectors, singular
 values from row norms, then two Newton-Schulz polishing steps.
 
     python bench/polar_cost.py --device cpu --threads 2
@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from warmstart.procrustes import polar_factor
+from warmstart.engine.procrustes import polar_factor
 
 SHAPES = ("768x896", "768x1024", "3072x3584", "3072x4096")
 

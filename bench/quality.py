@@ -21,15 +21,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from warmstart.compare import CompareConfig, run_compare
+from warmstart.experiments.compare import CompareConfig, run_compare
 
 
 def source_accuracy(config: CompareConfig, checkpoint: str) -> float | None:
     """Validation accuracy of the fine-tuned source, evaluated on the target's validation split."""
     import torch
 
-    from warmstart.compare import _cli
-    from warmstart.warm import evaluate
+    from warmstart.experiments.compare import _cli
+    from warmstart.lightning.warm import evaluate
 
     if not config.source.get("fit_config"):
         return None

@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from warmstart.activations import collect_statistics
-from warmstart.data import ImageClassificationData, TextClassificationData
-from warmstart.families import describe_model
-from warmstart.families.base import BlockId, SpaceKey
-from warmstart.matching import match
-from warmstart.models import build_model, tokenizer_for
-from warmstart.procrustes import procrustes_map
-from warmstart.transport import MapOptions, apply_update, compute_update
-from warmstart.warm import TransportConfig, load_source
+from warmstart.engine.activations import collect_statistics
+from warmstart.engine.families import describe_model
+from warmstart.engine.families.base import BlockId, SpaceKey
+from warmstart.engine.matching import match
+from warmstart.engine.procrustes import procrustes_map
+from warmstart.engine.transport import MapOptions, apply_update, compute_update
+from warmstart.lightning.data import ImageClassificationData, TextClassificationData
+from warmstart.lightning.models import build_model, tokenizer_for
+from warmstart.lightning.warm import TransportConfig, load_source
 
 VISION_GRID = [  # (name, alphas, update options)
     ("theseus", (0.5, 1.0, 2.0, 4.0), {}),
@@ -218,7 +218,7 @@ def run_diag(args) -> tuple[list[dict], list[dict]]:
 def run_text(args) -> list[dict]:
     import lightning
 
-    from warmstart.models import Classifier
+    from warmstart.lightning.models import Classifier
 
     ckpt = Path(args.text_source)
     if not ckpt.exists():

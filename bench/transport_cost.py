@@ -26,7 +26,7 @@ statistics are accumulated and the SVDs run there (float64, like on the CPU); ev
 synchronizes the device before reading the clock, and the JSON adds the peak GPU memory
 (``torch.cuda.max_memory_allocated``) next to the peak RSS. ``--solver`` picks the polar-factor
 solver of the maps (default ``auto``: the polished Gram eigendecomposition on CUDA, the SVD on the
-CPU; see ``warmstart/procrustes.py``).
+CPU; see ``warmstart/engine/procrustes.py``).
 
 The child also counts FLOPs (``torch.utils.flop_counter``, one more pass over the calibration
 batches, not timed): those of the floor's forward passes, and those of the statistics' products
@@ -94,7 +94,7 @@ def build_text(args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
     from transformers import AutoModel, AutoTokenizer
 
-    from warmstart import assets
+    from warmstart.lightning import assets
 
     n, batch = args.sentences, 32
     frame = pd.read_csv(assets.rotten_tomatoes_csv())
@@ -228,11 +228,11 @@ def engine_probes():
     """Time the engine's maps, statistics updates and row pairing; capture the statistics."""
     from importlib import import_module
 
-    from warmstart.procrustes import CrossStatistics
+    from warmstart.engine.procrustes import CrossStatistics
 
-    # the modules themselves: ``warmstart.transport`` as an attribute is the function
-    activations = import_module("warmstart.activations")
-    transport_mod = import_module("warmstart.transport")
+    # the modules themselves: ``warmstart.engine.transport`` as an attribute is the function
+    activations = import_module("warmstart.engine.activations")
+    transport_mod = import_module("warmstart.engine.transport")
 
     probes: dict[str, Any] = {
         "maps_by_shape": defaultdict(lambda: [0, 0.0]),
@@ -310,7 +310,7 @@ def _profile_summary(profiler, top: int = 15) -> list[dict[str, Any]]:
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from warmstart.transport import transport
+    from warmstart.engine.transport import transport
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -18,13 +18,13 @@ on P has learnt strokes but not the F classes.
 3. The pretrained target gets a new head (timm drops the saved one because the class counts
    differ) and is fine-tuned on F by every arm with the same seed, steps and data order: cold (no
    transport), theseus (one arm per ``--alphas`` value), slice and head_only (alpha 1; head_only
-   does not depend on alpha). The arms run through ``warmstart.compare.run_arm``, the code path
+   does not depend on alpha). The arms run through ``warmstart.experiments.compare.run_arm``, the code path
    of ``warmstart compare``; the compare YAML is written to ``<work_dir>/compare.yaml`` and read
    back with ``CompareConfig.from_yaml``. ``--seeds`` change the target's new head and the data
    order, not the pretrained weights nor the validation split. ``--probe_alphas`` (default
    ``auto``) measure theseus at more strengths on the same path, stopped after one step: their
    step-0 accuracy only.
-4. The convergence report (``warmstart.report.write_report``) goes to ``<work_dir>/report/``;
+4. The convergence report (``warmstart.experiments.report.write_report``) goes to ``<work_dir>/report/``;
    a table is printed and the numbers are written to ``--out`` (JSON).
 
 Validation accuracy is measured on a fixed split of F (20 %, data seed 0) that no arm trains on.
@@ -52,11 +52,11 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from warmstart.compare import CompareConfig, _cli, ensure_source, run_arm
-from warmstart.models import build_model
-from warmstart.report import write_report
-from warmstart.summary import Run, Stat, load_runs, read_curve
-from warmstart.warm import evaluate
+from warmstart.experiments.compare import CompareConfig, _cli, ensure_source, run_arm
+from warmstart.experiments.report import write_report
+from warmstart.experiments.summary import Run, Stat, load_runs, read_curve
+from warmstart.lightning.models import build_model
+from warmstart.lightning.warm import evaluate
 
 P_CLASSES = [0, 1, 2, 3, 4]
 F_CLASSES = [5, 6, 7, 8, 9]
@@ -89,8 +89,8 @@ def fit_config(size: dict, classes: list[int], steps: int, optim: dict, batch_si
     data = {"source": "mnist5k", "image_size": IMAGE, "batch_size": batch_size,
             "classes": list(classes), "seed": 0}  # a copy: no YAML alias
     return {"seed_everything": 0,
-            "model": {"class_path": "warmstart.models.Classifier", "init_args": model},
-            "data": {"class_path": "warmstart.data.ImageClassificationData", "init_args": data},
+            "model": {"class_path": "warmstart.lightning.models.Classifier", "init_args": model},
+            "data": {"class_path": "warmstart.lightning.data.ImageClassificationData", "init_args": data},
             "trainer": {**TRAINER, "accelerator": accelerator, "max_steps": steps}}
 
 

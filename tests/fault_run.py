@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from warmstart.callbacks import TaskVectorTransport
+from warmstart.lightning.callbacks import TaskVectorTransport
 
 from .test_callbacks import MLPModule, _target, _task
 from .test_transport import TinyMLP

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from warmstart import assets
-from warmstart.assets import PackagedFile
+from warmstart.lightning import assets
+from warmstart.lightning.assets import PackagedFile
 
 
 def _needs(name: str):

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from warmstart.callbacks import TaskVectorTransport
-from warmstart.transport import transport
+from warmstart.engine.transport import transport
+from warmstart.lightning.callbacks import TaskVectorTransport
 
 from .test_callbacks import MLPModule
 from .test_real_pairs import tiny_vit

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from warmstart.callbacks import ConvergenceTracker, TaskVectorTransport
-from warmstart.report import write_report
-from warmstart.summary import load_runs
+from warmstart.experiments.report import write_report
+from warmstart.experiments.summary import load_runs
+from warmstart.lightning.callbacks import ConvergenceTracker, TaskVectorTransport
 
 from .test_transport import TinyMLP, _signed_partial_permutation, _widen
 

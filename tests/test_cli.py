@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warmstart.cli import main
-from warmstart.compare import CompareConfig
+from warmstart.experiments.compare import CompareConfig
+from warmstart.lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_CONFIGS = sorted(
@@ -32,7 +32,7 @@ def test_fit_configs_parse_with_lightning_cli(config, capsys):
         main(["fit", "--print_config", "-c", str(config)])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "warmstart.models.Classifier"
+    assert printed["model"]["class_path"] == "warmstart.lightning.models.Classifier"
 
 
 @pytest.mark.parametrize("fragment", ["transport.yaml", "convergence.yaml"])

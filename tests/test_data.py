@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import BertTokenizerFast
 
-from warmstart import assets
-from warmstart.data import (
+from warmstart.lightning import assets
+from warmstart.lightning.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageClassificationData,

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from warmstart.transport import transport
+from warmstart.engine.transport import transport
 
 from .test_transport import TinyMLP, _calibration, _perturbed
 

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from warmstart.callbacks import TaskVectorTransport
-from warmstart.transport import transport
+from warmstart.engine.transport import transport
+from warmstart.lightning.callbacks import TaskVectorTransport
 
 from .test_bad_inputs import leaves_unchanged
 from .test_callbacks import MLPModule, _task

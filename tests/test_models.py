@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from warmstart import assets
-from warmstart.data import ImageClassificationData, TextClassificationData
-from warmstart.models import (
+from warmstart.lightning import assets
+from warmstart.lightning.data import ImageClassificationData, TextClassificationData
+from warmstart.lightning.models import (
     Classifier,
     TextClassifierNet,
     build_model,

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmstart.procrustes import CrossStatistics, crop_map, polar_factor, procrustes_map
+from warmstart.engine.procrustes import CrossStatistics, crop_map, polar_factor, procrustes_map
 
 SOLVERS = pytest.mark.parametrize("solver", ["svd", "eigh"])
 
@@ -231,7 +231,7 @@ def test_eigh_solver_finds_the_rank_the_svd_finds():
 
 
 def test_auto_solver_is_svd_on_cpu():
-    from warmstart.procrustes import resolve_solver
+    from warmstart.engine.procrustes import resolve_solver
 
     assert resolve_solver("auto", torch.device("cpu")) == "svd"
     assert resolve_solver("auto", torch.device("cuda", 0)) == "eigh"
@@ -239,7 +239,7 @@ def test_auto_solver_is_svd_on_cpu():
 
 
 def test_eigh_solver_falls_back_to_the_svd_where_the_gram_cannot_resolve():
-    from warmstart.procrustes import EIGH_MIN_RTOL, _polar_eigh
+    from warmstart.engine.procrustes import EIGH_MIN_RTOL, _polar_eigh
 
     # Singular values over ten decades: the Gram's eigenvalues resolve them only down to about
     # sqrt(eps), so a rank threshold of 1e-9 is out of its reach and the SVD answers instead.

@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from warmstart import assets
-from warmstart.transport import transport
+from warmstart.engine.transport import transport
+from warmstart.lightning import assets
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*rank-deficient:UserWarning")
 
@@ -39,7 +39,7 @@ def _skip_unless(names):
     missing = _missing(names)
     return pytest.mark.skipif(
         bool(missing),
-        reason=f"packaged assets {missing} not installed (see warmstart.assets.ASSETS for pip)",
+        reason=f"packaged assets {missing} not installed (see warmstart.lightning.assets.ASSETS for pip)",
     )
 
 
@@ -290,10 +290,10 @@ def test_vit_pair_accounts_for_every_parameter(vit_pair, tmp_path):
 
 
 def test_vit_fused_qkv_is_transported_per_block_of_rows(vit_pair):
-    from warmstart.activations import collect_statistics
-    from warmstart.families import BlockId, SpaceKey, describe_model
-    from warmstart.matching import match
-    from warmstart.procrustes import procrustes_map
+    from warmstart.engine.activations import collect_statistics
+    from warmstart.engine.families import BlockId, SpaceKey, describe_model
+    from warmstart.engine.matching import match
+    from warmstart.engine.procrustes import procrustes_map
 
     r, d = vit_pair.report, 64
     rows = {p.name: p for p in r.params}

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from warmstart.plots import band_over_seeds, plot_convergence
-from warmstart.report import write_report
-from warmstart.summary import Run, load_runs, read_curve, summarize
+from warmstart.experiments.plots import band_over_seeds, plot_convergence
+from warmstart.experiments.report import write_report
+from warmstart.experiments.summary import Run, load_runs, read_curve, summarize
 
 STEPS = np.arange(0, 201, 10)
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from warmstart.task_vector import as_state_dict, load_state_dict, task_vector
+from warmstart.engine.task_vector import as_state_dict, load_state_dict, task_vector
 
 
 class Opaque:

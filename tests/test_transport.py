@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from warmstart.procrustes import CrossStatistics, procrustes_map
-from warmstart.transport import transport
+from warmstart.engine.procrustes import CrossStatistics, procrustes_map
+from warmstart.engine.transport import transport
 
 
 class TinyMLP(nn.Module):

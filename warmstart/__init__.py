@@ -12,24 +12,24 @@ from typing import TYPE_CHECKING, Any
 
 # Eager, not lazy like _EXPORTS: the name would otherwise resolve to the submodule. Re-exported
 # through the computed __all__ below, which ruff cannot see.
-from .transport import transport  # noqa: F401
+from .engine.transport import transport  # noqa: F401
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "TransportReport": "warmstart.transport_report",
-    "procrustes_map": "warmstart.procrustes",
-    "CrossStatistics": "warmstart.procrustes",
-    "task_vector": "warmstart.task_vector",
-    "load_state_dict": "warmstart.task_vector",
-    "TaskVectorTransport": "warmstart.callbacks",
-    "ConvergenceTracker": "warmstart.callbacks",
-    "Classifier": "warmstart.models",
-    "build_model": "warmstart.models",
-    "ImageClassificationData": "warmstart.data",
-    "TextClassificationData": "warmstart.data",
-    "write_report": "warmstart.report",
-    "summarize": "warmstart.summary",
+    "TransportReport": "warmstart.engine.transport_report",
+    "procrustes_map": "warmstart.engine.procrustes",
+    "CrossStatistics": "warmstart.engine.procrustes",
+    "task_vector": "warmstart.engine.task_vector",
+    "load_state_dict": "warmstart.engine.task_vector",
+    "TaskVectorTransport": "warmstart.lightning.callbacks",
+    "ConvergenceTracker": "warmstart.lightning.callbacks",
+    "Classifier": "warmstart.lightning.models",
+    "build_model": "warmstart.lightning.models",
+    "ImageClassificationData": "warmstart.lightning.data",
+    "TextClassificationData": "warmstart.lightning.data",
+    "write_report": "warmstart.experiments.report",
+    "summarize": "warmstart.experiments.summary",
 }
 
 __all__ = sorted([*_EXPORTS, "transport"])
@@ -43,11 +43,11 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .callbacks import ConvergenceTracker, TaskVectorTransport  # noqa: F401
-    from .data import ImageClassificationData, TextClassificationData  # noqa: F401
-    from .models import Classifier, build_model  # noqa: F401
-    from .procrustes import CrossStatistics, procrustes_map  # noqa: F401
-    from .report import write_report  # noqa: F401
-    from .summary import summarize  # noqa: F401
-    from .task_vector import load_state_dict, task_vector  # noqa: F401
-    from .transport_report import TransportReport  # noqa: F401
+    from .engine.procrustes import CrossStatistics, procrustes_map  # noqa: F401
+    from .engine.task_vector import load_state_dict, task_vector  # noqa: F401
+    from .engine.transport_report import TransportReport  # noqa: F401
+    from .experiments.report import write_report  # noqa: F401
+    from .experiments.summary import summarize  # noqa: F401
+    from .lightning.callbacks import ConvergenceTracker, TaskVectorTransport  # noqa: F401
+    from .lightning.data import ImageClassificationData, TextClassificationData  # noqa: F401
+    from .lightning.models import Classifier, build_model  # noqa: F401

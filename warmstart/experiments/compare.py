@@ -74,7 +74,7 @@ def _config_arg(config: str | dict) -> str:
 
 
 def _cli(fit_configs, extra_args: list[str]):
-    from .cli import WarmstartCLI
+    from ..lightning.cli import WarmstartCLI
 
     args = [a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args
     with warnings.catch_warnings():
@@ -106,7 +106,7 @@ def ensure_source(config: CompareConfig, console: Console) -> str:
 
 def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) -> Path:
     """Fit one arm with one seed; returns its curve CSV."""
-    from .callbacks import ConvergenceTracker, TaskVectorTransport
+    from ..lightning.callbacks import ConvergenceTracker, TaskVectorTransport
 
     run_dir = Path(config.out_dir) / "runs" / f"{arm}_seed{seed}"
     if run_dir.exists():

@@ -1,6 +1,6 @@
 """Convergence report of warm-started and cold-start fine-tuning runs.
 
-Runs, curves and their measures live in :mod:`warmstart.summary`; :func:`write_report` summarizes
+Runs, curves and their measures live in :mod:`warmstart.experiments.summary`; :func:`write_report` summarizes
 runs there and writes the result as Markdown, self-contained HTML, PNG/SVG plots, CSV and JSON.
 
 Example::
@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from warmstart.summary import CURVE_COLUMNS, Run, Stat, Summary, summarize
+from warmstart.experiments.summary import CURVE_COLUMNS, Run, Stat, Summary, summarize
 
 
 def _fmt(stat: Stat, spec: str, suffix: str = "") -> str:
@@ -126,12 +126,12 @@ def write_report(
 ) -> Summary:
     """Summarize ``runs`` (:func:`summarize`) and write into ``out_dir``: ``report.md``,
     ``report.html`` (self-contained, plot embedded), ``convergence.png`` / ``.svg``
-    (:func:`warmstart.plots.plot_convergence`), ``curves.csv`` (all runs, with ``arm`` and ``seed``
+    (:func:`warmstart.experiments.plots.plot_convergence`), ``curves.csv`` (all runs, with ``arm`` and ``seed``
     columns) and ``summary.json``; print the table to ``console``. ``summary.json`` is written last,
     so a directory holding it holds a complete report, and it is not overwritten unless
     ``overwrite=True`` (``FileExistsError``).
     """
-    from warmstart.plots import plot_convergence
+    from warmstart.experiments.plots import plot_convergence
 
     out = Path(out_dir)
     if (out / "summary.json").exists() and not overwrite:

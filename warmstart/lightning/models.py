@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from warmstart import assets
+from warmstart.lightning import assets
 
 Pooling = Literal["mean", "cls"]
 Scheduler = Literal["constant", "cosine", "linear"]

@@ -25,7 +25,7 @@ def describe_model(model: nn.Module, family: str | None = None) -> ModelLayout:
         if family not in FAMILIES:
             raise ValueError(
                 f"unknown model family {family!r}; known families: {sorted(FAMILIES)}. "
-                "Register a new one with warmstart.families.register_family."
+                "Register a new one with warmstart.engine.families.register_family."
             )
         return FAMILIES[family].describe(model)
     for candidate in sorted(FAMILIES.values(), key=lambda f: -f.priority):

@@ -24,7 +24,7 @@ from datasets.fingerprint import Hasher
 from torch import Tensor
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from warmstart.data_sources import (
+from warmstart.lightning.data_sources import (
     _image_paths,
     _rename,
     _unknown_source,
@@ -344,7 +344,7 @@ class TextClassificationData(_SplitData):
 
     @functools.cached_property
     def tokenizer(self) -> Any:
-        from warmstart.models import tokenizer_for
+        from warmstart.lightning.models import tokenizer_for
 
         tokenizer = tokenizer_for(self.tokenizer_name)
         if tokenizer is None:

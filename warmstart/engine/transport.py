@@ -181,7 +181,7 @@ def transport(
         method: ``theseus`` (Procrustes maps), ``slice`` (crop/pad baseline) or ``head_only``.
         alpha: strength, or ``"auto"`` to take the best of ``alpha_grid`` by ``evaluate(target)``
             (a validation loss, lower is better; forward passes only).
-        center, whiten, completion: map options, see :func:`warmstart.procrustes.procrustes_map`.
+        center, whiten, completion: map options, see :func:`warmstart.engine.procrustes.procrustes_map`.
             ``completion="crop"`` (the default here) fills directions no calibration row
             determines with the crop map restricted to them, so identical models still get
             exactly tau on real, rank-deficient activations (EfficientNet-Lite0 onto itself:

@@ -113,7 +113,7 @@ def _compare_command(argv: list[str]) -> None:
                         help="extra LightningCLI arguments for every run, e.g. "
                              "--trainer.max_steps=50")
     args, extra = parser.parse_known_args(argv)
-    from .compare import CompareConfig, run_compare
+    from ..experiments.compare import CompareConfig, run_compare
 
     config = CompareConfig.from_yaml(args.config, [*args.overrides, *extra])
     run_compare(config, overwrite=args.overwrite)
@@ -127,7 +127,7 @@ def _demo_command(argv: list[str]) -> None:
     parser.add_argument("--out_dir", default="runs/demo")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    from .compare import CompareConfig, run_compare
+    from ..experiments.compare import CompareConfig, run_compare
 
     config_path = Path(__file__).parent / "configs" / "demo.yaml"
     config = CompareConfig.from_yaml(config_path)

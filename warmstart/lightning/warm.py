@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .matching import check_depth_mapping
+from ..engine.matching import check_depth_mapping
+from ..engine.task_vector import load_state_dict
+from ..engine.transport import DEFAULT_ALPHA_GRID, check_alpha_grid, check_options, transport
+from ..engine.transport_report import TransportReport
 from .models import build_model, tokenizer_for
-from .task_vector import load_state_dict
-from .transport import DEFAULT_ALPHA_GRID, check_alpha_grid, check_options, transport
-from .transport_report import TransportReport
 
 
 @dataclass(frozen=True)

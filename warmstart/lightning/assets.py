@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from warmstart.task_vector import load_state_dict
+from warmstart.engine.task_vector import load_state_dict
 
 AssetName = Literal[
     "minilm", "mpnet", "efficientnet_lite0", "efficientnet_lite2", "rotten_tomatoes", "mnist5k"
@@ -231,7 +231,7 @@ def _load_lite_weights(model: nn.Module, path: Path) -> None:
         raise ValueError(
             f"{path} does not fit timm's {type(model).__name__} exactly (missing: {missing[:10]}, "
             f"unused: {unused[:10]}, shape file vs model: {shapes[:10]}); the file and the "
-            "variant do not match: reinstall the package named in warmstart.assets.ASSETS"
+            "variant do not match: reinstall the package named in warmstart.lightning.assets.ASSETS"
         )
     model.load_state_dict(mapped, strict=True)
 

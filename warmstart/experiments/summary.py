@@ -1,11 +1,11 @@
 """Loading and summarising of warm-started and cold-start fine-tuning runs.
 
-A *curve* is what :class:`~warmstart.callbacks.ConvergenceTracker` writes, one CSV per run, with
+A *curve* is what :class:`~warmstart.lightning.callbacks.ConvergenceTracker` writes, one CSV per run, with
 columns ``step,seconds,metric,value``: ``step`` is the optimizer step (0 = before any training,
 right after the transport), ``seconds`` the wall-clock time since fit start (transport included).
 A *run* is a curve plus its ``arm`` (``cold``, ``theseus``, ``slice``, ``head_only``, ...) and
 ``seed``. :func:`summarize` turns runs into the measures of DESIGN.md §7; rendering them is
-:mod:`warmstart.report`'s job.
+:mod:`warmstart.experiments.report`'s job.
 
 Example::
 

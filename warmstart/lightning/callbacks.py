@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .matching import check_depth_mapping
-from .transport import DEFAULT_ALPHA_GRID
+from ..engine.matching import check_depth_mapping
+from ..engine.transport import DEFAULT_ALPHA_GRID
 from .warm import TransportConfig, evaluate, run_transport
 
 
@@ -78,7 +78,7 @@ class TaskVectorTransport(Callback):
         alpha: strength, or ``auto`` to pick it from ``alpha_grid`` by validation loss on
             ``alpha_val_batches`` validation batches (forward passes only).
         center, whiten, completion, solver, depthwise, embeddings, depth_mapping,
-            bn_recalibration, strict: transport options (see :func:`warmstart.transport`);
+            bn_recalibration, strict: transport options (see :func:`warmstart.engine.transport`);
             ``bn_recalibration`` re-estimates BatchNorm statistics from that many of the
             calibration batches.
         source_model_kwargs: extra arguments for building the source (e.g. a tiny timm ViT's size).

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from warmstart.summary import Run
+    from warmstart.experiments.summary import Run
 
 # Fixed colours for the arms the toolkit ships; any other arm takes the next free tab10 colour.
 ARM_COLORS = {"cold": "#4d4d4d", "theseus": "#1f77b4", "slice": "#ff7f0e", "head_only": "#2ca02c"}

@@ -1,5 +1,5 @@
 """Where the rows come from: data files (CSV / TSV / parquet / JSON(L)), the offline packaged
-data sets and the column checks shared by the DataModules in ``warmstart.data``."""
+data sets and the column checks shared by the DataModules in ``warmstart.lightning.data``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from warmstart import assets
+from warmstart.lightning import assets
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
