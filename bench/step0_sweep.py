@@ -26,7 +26,9 @@ from warmstart.engine.families import describe_model
 from warmstart.engine.families.base import BlockId, SpaceKey
 from warmstart.engine.matching import match
 from warmstart.engine.procrustes import procrustes_map
-from warmstart.engine.transport import MapOptions, apply_update, compute_update
+from warmstart.engine.apply import apply_update
+from warmstart.engine.options import TransportOptions
+from warmstart.engine.update import compute_update
 from warmstart.lightning.data import ImageClassificationData, TextClassificationData
 from warmstart.lightning.models import build_model, tokenizer_for
 from warmstart.lightning.warm import TransportConfig, load_source
@@ -96,8 +98,10 @@ class Vision:
             t0 = time.perf_counter()
             upd, _ = compute_update(
                 self.source, self.finetuned, self.target, self.ls, self.lt, self.matching,
-                self.calib[:nb], None, method, MapOptions(center, float(whiten), completion),
-                depthwise, "zero", True, None, False)
+                self.calib[:nb], None,
+                TransportOptions(method=method, center=center, whiten=float(whiten),
+                                 completion=completion, depthwise=depthwise, solver="svd"),
+                progress=False)
             self.cache[key] = (upd, time.perf_counter() - t0)
         return self.cache[key]
 
@@ -270,8 +274,8 @@ def run_text(args) -> list[dict]:
         t0 = time.perf_counter()
         upd, _ = compute_update(source, finetuned, target, ls, lt, matching,
                                 cs if method != "slice" else None,
-                                ct if method != "slice" else None, method, MapOptions(),
-                                "diagonal", "zero", True, None, False)
+                                ct if method != "slice" else None,
+                                TransportOptions(method=method, solver="svd"), progress=False)
         secs = time.perf_counter() - t0
         for a in alphas:
             target.load_state_dict(base)

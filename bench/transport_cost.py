@@ -232,7 +232,7 @@ def engine_probes():
 
     # the modules themselves: ``warmstart.engine.transport`` as an attribute is the function
     activations = import_module("warmstart.engine.activations")
-    transport_mod = import_module("warmstart.engine.transport")
+    transport_mod = import_module("warmstart.engine.update")
 
     probes: dict[str, Any] = {
         "maps_by_shape": defaultdict(lambda: [0, 0.0]),

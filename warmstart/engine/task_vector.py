@@ -171,6 +171,33 @@ def load_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[
     return _strip_prefix(state, prefix, f"checkpoint {path}")
 
 
+def fit_prefix(state: Mapping[str, Tensor], names: Iterable[str], origin: str = "the checkpoint"
+               ) -> dict[str, Tensor]:
+    """The entries of ``state`` under the wrapper prefix that makes its keys fit ``names``.
+
+    A checkpoint written from a user's LightningModule names the network's weights ``net.*``,
+    ``model.model.*`` or the like; this finds the prefix (possibly none) whose stripped keys
+    match the most of ``names`` (the shortest such prefix on ties), keeps the keys under it and
+    strips it. When no prefix makes any key fit, the error shows keys from both sides.
+    """
+    wanted = set(names)
+    counts: dict[str, int] = {}
+    for key in state:
+        parts = key.split(".")
+        for cut in range(len(parts)):
+            prefix = ".".join(parts[:cut]) + ("." if cut else "")
+            if ".".join(parts[cut:]) in wanted:
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        raise ValueError(
+            f"no key of {origin} fits the source model, with or without a wrapper prefix "
+            f"(checkpoint keys: {_preview(state)}; source model keys: {_preview(wanted)}); pass "
+            "the checkpoint of a fine-tune of this source model"
+        )
+    prefix = min(counts, key=lambda p: (-counts[p], len(p)))
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def as_state_dict(
     obj: StateSource, prefix: str | None = None, *, clone: bool = True
 ) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@ A compare config (YAML)::
       checkpoint: runs/demo/source.ckpt      # used when it exists ...
       fit_config: [configs/demo/source.yaml] # ... otherwise made by this fit first
     transport: {source_pretrained: efficientnet_lite0, calibration_batches: 8, alpha: 1.0}
-    tracker: {every_n_steps: 10, max_val_batches: 8}
+    tracker: {every_n_steps: 10}             # validation: the fit config's limit_val_batches
     out_dir: runs/demo/compare
 
 Every arm uses the same fit config and seed; only the transport differs.
@@ -17,14 +17,17 @@ Every arm uses the same fit config and seed; only the transport differs.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
+
+from ..lightning.callbacks import ConvergenceTracker, TaskVectorTransport
+from ..lightning.cli import build_cli
 
 ARMS = ("cold", "theseus", "slice", "head_only")
 
@@ -74,13 +77,7 @@ def _config_arg(config: str | dict) -> str:
 
 
 def _cli(fit_configs, extra_args: list[str]):
-    from ..lightning.cli import WarmstartCLI
-
-    args = [a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args
-    with warnings.catch_warnings():
-        # Runs are built from Python on purpose; the command line was already parsed.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return WarmstartCLI(args=args, run=False)
+    return build_cli([a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args)
 
 
 def ensure_source(config: CompareConfig, console: Console) -> str:
@@ -106,8 +103,6 @@ def ensure_source(config: CompareConfig, console: Console) -> str:
 
 def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) -> Path:
     """Fit one arm with one seed; returns its curve CSV."""
-    from ..lightning.callbacks import ConvergenceTracker, TaskVectorTransport
-
     run_dir = Path(config.out_dir) / "runs" / f"{arm}_seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -144,3 +139,17 @@ def run_compare(config: CompareConfig, console: Console | None = None, overwrite
     reference = "cold" if "cold" in config.arms else config.arms[0]
     return write_report(load_runs(curves), out, title=config.title, config=settings,
                         overwrite=True, console=console, reference_arm=reference)
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def run_demo(out_dir: str = "runs/demo", overwrite: bool = False):
+    """``warmstart demo``: the embedded default compare config, written to ``out_dir``."""
+    config = CompareConfig.from_yaml(DEMO_CONFIG)
+    config = dataclasses.replace(
+        config, out_dir=out_dir,
+        source={**config.source, "checkpoint": str(Path(out_dir) / "source.ckpt")})
+    summary = run_compare(config, overwrite=overwrite)
+    print(f"demo report: {Path(out_dir) / 'report.html'}")
+    return summary

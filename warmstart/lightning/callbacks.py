@@ -1,24 +1,31 @@
-"""Lightning callbacks: warm-start the target at the start of ``fit``; record convergence curves."""
+"""Lightning callbacks for any LightningModule: warm-start the target at the start of ``fit``;
+record convergence curves from the module's own validation.
+
+The hooks are thin: the transport's work is in :mod:`warmstart.lightning.warm`, validation runs in
+:mod:`warmstart.lightning.validation`.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from ..engine.matching import check_depth_mapping
-from ..engine.transport import DEFAULT_ALPHA_GRID
-from .warm import TransportConfig, evaluate, run_transport
+from ..engine.options import TransportOptions
+from .validation import check_validation, scalar_metrics, validate_now
+from .warm import WarmStart, find_target, run_transport
 
 
-def _log_dir(trainer: L.Trainer) -> Path:
+def log_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory (call it on every rank: under DDP it is broadcast from rank 0)."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -37,95 +44,95 @@ def _unused_path(path: Path) -> Path:
     return candidate
 
 
-def _train_batches(trainer: L.Trainer):
-    if trainer.datamodule is not None:
-        return trainer.datamodule.train_dataloader()
-    return trainer.fit_loop._data_source.dataloader()
-
-
-def _val_batches(trainer: L.Trainer):
-    if trainer.datamodule is not None:
-        return trainer.datamodule.val_dataloader()
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    return source.dataloader() if source.is_defined() else None
-
-
 class TaskVectorTransport(Callback):
-    """Move a fine-tuned source's task vector into the model being fitted, once, at fit start.
+    """Move a fine-tuned source's task vector into the network being fitted, once, at fit start.
 
-    The transport runs in ``on_fit_start`` (the model is on its device and the optimizer holds its
-    parameters), under ``no_grad`` and in place, so the optimizer keeps its references. Its
-    ``state_dict`` records that it was applied (with a fingerprint of the configuration), so a run
-    resumed from a checkpoint is not transported again.
+    Works with any LightningModule: the target network is found by a dotted attribute path (by
+    default the one child module that holds all parameters), the model inputs are taken from any
+    batch format (see :mod:`warmstart.lightning.batches`), and ``alpha="auto"`` is scored by the
+    module's own ``validation_step`` through a logged ``monitor`` metric. The transport runs in
+    ``on_fit_start`` (the model is on its device and the optimizer holds its parameters), under
+    ``no_grad`` and in place, so the optimizer keeps its references. Under DDP every rank
+    calibrates on its own shard and the statistics are all-reduced, so all ranks write the same
+    weights. The ``state_dict`` records that the transport was applied (with a fingerprint), so a
+    run resumed from a checkpoint is not transported again.
 
     Example::
 
-        from lightning import Trainer
-        from warmstart import Classifier, ImageClassificationData, TaskVectorTransport
+        import lightning as L
+        from warmstart import TaskVectorTransport
 
-        warm = TaskVectorTransport("efficientnet_lite0", "runs/source/last.ckpt", alpha=1.0)
-        model = Classifier("efficientnet_lite2", num_classes=10)
-        Trainer(max_steps=100, callbacks=[warm]).fit(model, ImageClassificationData())
+        warm = TaskVectorTransport(source_vit, "source_finetuned.ckpt", target_attribute="net",
+                                   alpha=2.0)
+        L.Trainer(max_steps=100, callbacks=[warm]).fit(MyModule(target_vit), train, val)
 
     Args:
-        source_pretrained: the source base model: a packaged name (``minilm``, ``mpnet``,
-            ``efficientnet_lite0``), a timm model name, a Hugging Face folder, or (from Python)
-            the module itself.
-        source_finetuned: checkpoint of the fine-tuned source (Lightning ``.ckpt`` written by
-            warmstart's ``Classifier``, safetensors, ``.pt``/``.bin``, or a Hugging Face folder).
-        method: ``theseus``, ``slice`` or ``head_only``.
-        calibration_batches: training batches used to align activations.
-        alpha: strength, or ``auto`` to pick it from ``alpha_grid`` by validation loss on
-            ``alpha_val_batches`` validation batches (forward passes only).
-        center, whiten, completion, solver, depthwise, embeddings, depth_mapping,
-            bn_recalibration, strict: transport options (see :func:`warmstart.engine.transport`);
-            ``bn_recalibration`` re-estimates BatchNorm statistics from that many of the
-            calibration batches.
-        source_model_kwargs: extra arguments for building the source (e.g. a tiny timm ViT's size).
-        target_attribute: attribute of the LightningModule that holds the target network.
+        source_pretrained: the source base model: the module (from Python), or a name that
+            :func:`~warmstart.build_model` knows (packaged name, timm name, Hugging Face folder;
+            a Hugging Face folder is loaded with the target's own ``AutoModelFor...`` class).
+        source_finetuned: the fine-tuned source: a checkpoint path (Lightning ``.ckpt`` from any
+            module, safetensors, ``.pt``/``.bin``, a Hugging Face folder), a module or a state
+            dict. A wrapper prefix (``net.``, ``model.model.``) is found and stripped.
+        options: the transport options (:class:`~warmstart.TransportOptions`); keyword
+            ``option_values`` (e.g. ``alpha=2.0``) replace single fields. Calibration uses
+            ``options.calibration_batches`` training batches (8 when unset).
+        target_attribute: dotted path of the target network inside the LightningModule
+            (``"net"``, ``"model.backbone"``); ``""`` is the module itself; ``None`` (default)
+            takes the one child module that holds all parameters.
+        inputs: ``inputs(batch) -> model inputs`` (from YAML, an import path); default: the rule
+            of :func:`~warmstart.lightning.batches.default_inputs`.
+        source_inputs: ``source_inputs(batch) -> the source's inputs`` for the same examples,
+            when the source reads other inputs (another tokenizer).
+        source_tokenizer: shortcut for ``source_inputs``: re-tokenize ``batch[text_key]`` with
+            this tokenizer (a Hugging Face folder or a packaged name).
+        text_key: the batch key holding raw text, for ``source_tokenizer``.
+        monitor: the validation metric ``alpha="auto"`` reads (the module must log it).
+        mode: ``min`` when lower ``monitor`` is better, ``max`` otherwise.
+        alpha_val_batches: validation batches per ``alpha="auto"`` trial.
+        source_model_kwargs: extra arguments for building the source from a name.
         report_name: file name of the transport report in the run's log directory; a report left
             there by an earlier run is kept (the new one goes to ``<name>-v1.json``, with a
             warning); ``report_path`` holds the path used.
+        progress: show progress bars (rank zero only).
     """
 
     def __init__(
         self,
         source_pretrained: str | nn.Module,
-        source_finetuned: str,
-        method: Literal["theseus", "slice", "head_only"] = "theseus",
-        calibration_batches: int = 8,
-        alpha: float | Literal["auto"] = 1.0,
-        alpha_grid: list[float] | None = None,
+        source_finetuned: str | nn.Module | dict,
+        options: TransportOptions | None = None,
+        *,
+        target_attribute: str | None = None,
+        inputs: Callable[[Any], Any] | None = None,
+        source_inputs: Callable[[Any], Any] | None = None,
+        source_tokenizer: str | None = None,
+        text_key: str = "text",
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] = "min",
         alpha_val_batches: int = 4,
-        center: bool = False,
-        whiten: float = 0.0,
-        completion: Literal["none", "crop"] = "crop",
-        solver: Literal["auto", "svd", "eigh"] = "auto",
-        depthwise: Literal["diagonal", "zero"] = "diagonal",
-        embeddings: Literal["zero", "map"] = "zero",
-        depth_mapping: list[int] | None = None,
-        bn_recalibration: int = 0,
-        strict: bool = True,
         source_model_kwargs: dict[str, Any] | None = None,
-        target_attribute: str = "model",
         report_name: str = "transport_report.json",
         progress: bool = True,
+        **option_values: Any,
     ) -> None:
-        if isinstance(depth_mapping, Mapping):
-            raise TypeError(f"depth_mapping must be a list with one source block index per target "
-                            f"block (the callback takes no dict), got {depth_mapping!r}.")
-        check_depth_mapping(depth_mapping)
-        self.source_module = source_pretrained if isinstance(source_pretrained, nn.Module) else None
-        if self.source_module is not None:
-            source_pretrained = f"<module {type(source_pretrained).__name__}>"
-        self.config = TransportConfig(
-            str(source_pretrained), str(source_finetuned), method, int(calibration_batches),
-            alpha, tuple(alpha_grid or DEFAULT_ALPHA_GRID), int(alpha_val_batches), bool(center),
-            float(whiten), completion, solver, depthwise, embeddings,
-            tuple(depth_mapping) if depth_mapping else None, int(bn_recalibration), bool(strict),
-            dict(source_model_kwargs or {}), target_attribute,
-        )
-        self.config.check()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}.")
+        if isinstance(alpha_val_batches, bool) or not isinstance(alpha_val_batches, int) \
+                or alpha_val_batches < 1:
+            raise ValueError(f"alpha_val_batches must be >= 1, got {alpha_val_batches!r}.")
+        if isinstance(source_finetuned, (str, os.PathLike)) \
+                and not Path(source_finetuned).exists():
+            raise FileNotFoundError(
+                f"source_finetuned checkpoint {str(source_finetuned)!r} does not exist; give the "
+                "path of the fine-tuned source (a Lightning .ckpt, safetensors, .pt/.bin or a "
+                "Hugging Face folder).")
+        if isinstance(options, Mapping):  # e.g. a compare config's transport section
+            options = TransportOptions(**options)
+        options = (options or TransportOptions()).replace(**option_values)
+        self.plan = WarmStart(
+            source_pretrained, source_finetuned, options, target_attribute, inputs,
+            source_inputs, source_tokenizer, text_key, monitor, mode, alpha_val_batches,
+            dict(source_model_kwargs or {}))
         self.report_name = report_name
         self.progress = progress
         self.applied = False
@@ -134,25 +141,27 @@ class TaskVectorTransport(Callback):
         self.report_path: Path | None = None  # where this run wrote its report
         self.seconds = 0.0
 
+    @property
+    def options(self) -> TransportOptions:
+        return self.plan.options
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            from .warm import target_module
-
-            target_module(pl_module, self.config.target_attribute)
+            find_target(pl_module, self.plan.target_attribute)
+            if self.options.alpha == "auto":
+                check_validation(trainer, "alpha='auto'")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.applied:
-            if self.applied_fingerprint != self.config.fingerprint():
+            if self.applied_fingerprint != self.plan.fingerprint():
                 rank_zero_warn("the checkpoint was warm-started with another transport "
                                "configuration; it is not transported again.")
             return
         started = time.perf_counter()
-        self.report = run_transport(self.config, pl_module, _train_batches(trainer),
-                                    _val_batches(trainer) if self.config.alpha == "auto" else None,
-                                    progress=self.progress and trainer.is_global_zero,
-                                    source_module=self.source_module)
+        self.report = run_transport(trainer, pl_module, self.plan,
+                                    progress=self.progress and trainer.is_global_zero)
         self.seconds = time.perf_counter() - started
-        self.applied, self.applied_fingerprint = True, self.config.fingerprint()
+        self.applied, self.applied_fingerprint = True, self.plan.fingerprint()
         self._publish(trainer)
 
     def _publish(self, trainer: L.Trainer) -> None:
@@ -160,12 +169,9 @@ class TaskVectorTransport(Callback):
         metrics["transport/seconds"] = self.seconds
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
-        if trainer.is_global_zero:
-            path = _unused_path(_log_dir(trainer) / self.report_name)
-            self.report.write_json(path)
-            self.report_path = path
-            rank_zero_info(f"warmstart: {self.config.method} transport took {self.seconds:.1f} s "
-                           f"(alpha={self.report.alpha:g}); report: {path}")
+        self.report_path = _write_report(self.report, log_dir(trainer) / self.report_name)
+        rank_zero_info(f"warmstart: {self.options.method} transport took {self.seconds:.1f} s "
+                       f"(alpha={self.report.alpha:g}); report: {self.report_path}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "fingerprint": self.applied_fingerprint,
@@ -177,71 +183,112 @@ class TaskVectorTransport(Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
 
 
-class ConvergenceTracker(Callback):
-    """Validation metrics against optimizer step and wall-clock seconds, written as CSV.
+@rank_zero_only
+def _write_report(report, path: Path) -> Path:
+    path = _unused_path(path)
+    report.write_json(path)
+    return path
 
-    Evaluates ``pl_module(batch)`` (logits) against ``batch["label"]`` on the validation data at
-    step 0 (after any transport, before training), every ``every_n_steps`` optimizer steps and at
-    the end. Seconds count from ``setup`` (so a transport is included) and exclude the tracker's
-    own evaluations. Rows: ``step,seconds,metric,value`` (``val_loss``, ``val_acc``).
+
+class ConvergenceTracker(Callback):
+    """The module's own validation metrics against optimizer step and wall-clock seconds, as CSV.
+
+    The metrics are what the LightningModule logs in ``validation_step`` (``trainer.callback_
+    metrics``): the ``monitor`` names, or by default every metric whose name starts with
+    ``val``. They come from Lightning's own validation loop, which the tracker runs once before
+    the first optimizer step (step 0, after any transport) and which the Trainer runs every
+    ``every_n_steps`` optimizer steps (the tracker sets ``val_check_interval`` for that; ``None``
+    keeps the Trainer's own schedule), and once more at the end when the last step was not
+    validated. So ``limit_val_batches``, precision plugins, ``sync_dist`` metrics and DDP apply as
+    in any validation, and the metrics reach every logger the Trainer has (with
+    ``tracker/seconds``). Seconds count from ``setup`` (a transport is included) and exclude the
+    validations. Rows: ``step,seconds,metric,value``.
+
+    Example::
+
+        tracker = ConvergenceTracker(every_n_steps=10, monitor=["val_acc"])
+        L.Trainer(max_steps=100, limit_val_batches=8, callbacks=[tracker]).fit(model, data)
+        tracker.written  # <log_dir>/curve.csv
 
     Args:
-        every_n_steps: evaluation interval in optimizer steps.
-        max_val_batches: validation batches per evaluation (``None``: all).
+        every_n_steps: validation interval in optimizer steps (``None``: the Trainer's own).
+        monitor: metric names to record (default: every logged metric starting with ``val``).
         filename: CSV name inside the run's log directory (or ``path`` to place it anywhere).
             A file left there by an earlier run is kept: the CSV then goes to ``<name>-v1.csv``
             (``-v2``...) with a warning; ``written`` holds the path used.
     """
 
-    def __init__(self, every_n_steps: int = 10, max_val_batches: int | None = None,
+    def __init__(self, every_n_steps: int | None = 10, monitor: list[str] | None = None,
                  filename: str = "curve.csv", path: str | None = None) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
-        if max_val_batches is not None and max_val_batches < 1:
-            raise ValueError(f"max_val_batches must be >= 1 or None, got {max_val_batches}.")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
+        if isinstance(monitor, str):
+            monitor = [monitor]
         self.every_n_steps = every_n_steps
-        self.max_val_batches = max_val_batches
+        self.monitor = list(monitor) if monitor else None
         self.filename = filename
         self.path = path
         self.rows: list[tuple[int, float, str, float]] = []
         self._clock = 0.0
-        self._started = 0.0
-        self._last_step = -1
+        self._started: float | None = None
         self.written: Path | None = None  # where this run wrote its CSV
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._started = time.perf_counter()
+        if stage != "fit":
+            return
+        check_validation(trainer, "ConvergenceTracker")
+        if self.every_n_steps is not None:
+            # Lightning counts training batches; an optimizer step takes accumulate_grad_batches
+            trainer.val_check_interval = self.every_n_steps * trainer.accumulate_grad_batches
+            trainer.check_val_every_n_epoch = None
+        self._started = time.perf_counter()
 
     def seconds(self) -> float:
-        return self._clock + time.perf_counter() - self._started
-
-    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._clock = self.seconds()  # the clock stops while the tracker itself evaluates
-        metrics = evaluate(pl_module, _val_batches(trainer) or [], self.max_val_batches)
-        self._started = time.perf_counter()
-        self.rows += [(step, self._clock, k, v) for k, v in metrics.items()]
-        self._last_step = step
-        for logger in trainer.loggers:
-            logger.log_metrics({f"tracker/{k}": v for k, v in metrics.items()}, step=step)
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self._clock + running
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer, pl_module)
+        if not self._recorded(trainer.global_step):
+            validate_now(trainer)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._record(trainer, pl_module)
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # the clock stops while validation runs
+            self._clock, self._started = self.seconds(), None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = self._metrics(trainer)
+        step = trainer.global_step
+        self.rows = [r for r in self.rows if r[0] != step]  # a step validated twice keeps the last
+        self.rows += [(step, self._clock, k, v) for k, v in metrics.items()]
+        for logger in trainer.loggers:
+            logger.log_metrics({"tracker/seconds": self._clock}, step=step)
+        self._started = time.perf_counter()
+
+    def _metrics(self, trainer: L.Trainer) -> dict[str, float]:
+        logged = scalar_metrics(trainer.callback_metrics)
+        if self.monitor is None:
+            return {k: v for k, v in sorted(logged.items()) if k.startswith("val")}
+        missing = [m for m in self.monitor if m not in logged]
+        if missing:
+            raise ValueError(f"ConvergenceTracker: monitor {missing} not among the metrics the "
+                             f"module logged in validation ({sorted(logged) or 'none'}); log "
+                             "them in validation_step or change monitor.")
+        return {k: logged[k] for k in self.monitor}
+
+    def _recorded(self, step: int) -> bool:
+        return any(r[0] == step for r in self.rows)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer, pl_module)
-        if trainer.is_global_zero:
-            path = Path(self.path) if self.path else _log_dir(trainer) / self.filename
-            self.written = self.write(_unused_path(path))
+        if not self._recorded(trainer.global_step):
+            validate_now(trainer)
+        path = Path(self.path) if self.path else log_dir(trainer) / self.filename
+        self.written = self._write(path)
 
-    def write(self, path: Path) -> Path:
+    @rank_zero_only
+    def _write(self, path: Path) -> Path:
+        path = _unused_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -255,4 +302,3 @@ class ConvergenceTracker(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [tuple(r) for r in state_dict.get("rows", [])]
         self._clock = float(state_dict.get("clock", 0.0))
-        self._last_step = self.rows[-1][0] if self.rows else -1

@@ -1,162 +1,109 @@
-"""``warmstart``: LightningCLI ``fit`` / ``validate`` / ``test``, plus ``transport``, ``compare``
-and ``demo``.
+"""LightningCLI for warmstart, and the ``warmstart transport`` command built on it.
 
-    warmstart fit -c configs/text_minilm_to_mpnet.yaml -c callbacks/transport.yaml
-    warmstart fit --print_config -c configs/demo_target.yaml
-    warmstart transport --source_pretrained minilm --source_finetuned src.ckpt \\
-        --target mpnet --num_classes 2 --data rotten_tomatoes --out target.ckpt
-    warmstart compare -c configs/compare_demo.yaml
-    warmstart demo
+``WarmstartCLI`` is LightningCLI over any LightningModule and LightningDataModule
+(``class_path`` / ``init_args``), with two optional top-level sections, ``transport`` and
+``convergence``, so that the fragments in ``callbacks/`` compose with any fit config through ``-c``.
+
+``warmstart transport`` reads the same configs: it runs ``fit`` for zero optimizer steps, so that
+the :class:`~warmstart.TaskVectorTransport` callback warm-starts the model exactly as it would
+at the start of training (same calibration data, same device, same ``alpha="auto"`` scoring by
+the module's validation), then writes the target network's weights as safetensors.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import warnings
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, AttributeError, KeyError)
-EXTRA_COMMANDS = ("transport", "compare", "demo")
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import ConvergenceTracker, TaskVectorTransport
+from .warm import find_target
 
 
-def _lightning_cli():
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+class WarmstartCLI(LightningCLI):
+    """LightningCLI over any LightningModule / LightningDataModule (class_path/init_args)."""
 
-    class WarmstartCLI(LightningCLI):
-        """LightningCLI over any LightningModule / LightningDataModule (class_path/init_args)."""
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("subclass_mode_model", True)
-            kwargs.setdefault("subclass_mode_data", True)
-            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-            super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+    def add_arguments_to_parser(self, parser) -> None:
+        # Optional top-level sections, so `-c callbacks/transport.yaml` and
+        # `-c callbacks/convergence.yaml` compose instead of replacing trainer.callbacks.
+        parser.add_argument("--transport", type=TaskVectorTransport | None, default=None,
+                            help="warm-start the model at fit start (callbacks/transport.yaml)")
+        parser.add_argument("--convergence", type=ConvergenceTracker | None, default=None,
+                            help="record convergence curves (callbacks/convergence.yaml)")
 
-        def add_arguments_to_parser(self, parser) -> None:
-            # Optional top-level sections, so `-c callbacks/transport.yaml` and
-            # `-c callbacks/convergence.yaml` compose instead of replacing trainer.callbacks.
-            from .callbacks import ConvergenceTracker, TaskVectorTransport
-
-            parser.add_argument("--transport", type=TaskVectorTransport | None, default=None,
-                                help="warm-start the model at fit start (callbacks/transport.yaml)")
-            parser.add_argument("--convergence", type=ConvergenceTracker | None, default=None,
-                                help="record convergence curves (callbacks/convergence.yaml)")
-
-        def instantiate_trainer(self, **kwargs):
-            trainer = super().instantiate_trainer(**kwargs)
-            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-            for key in ("transport", "convergence"):
-                if config.get(key) is not None:
-                    trainer.callbacks.append(config[key])
-            return trainer
-
-    return WarmstartCLI
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        for key in ("transport", "convergence"):
+            if config.get(key) is not None:
+                trainer.callbacks.append(config[key])
+        return trainer
 
 
-def __getattr__(name: str):
-    if name == "WarmstartCLI":
-        return _lightning_cli()
-    raise AttributeError(name)
+def build_cli(args: list[str]) -> WarmstartCLI:
+    """A ``WarmstartCLI`` for ``fit`` with ``args`` (config files and overrides), not run."""
+    with warnings.catch_warnings():
+        # Built from Python on purpose; the command line was already parsed.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return WarmstartCLI(args=args, run=False)
 
 
-def _transport_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="warmstart transport",
-        description="Write a transported target checkpoint (and its report) without training.")
-    parser.add_argument("--source_pretrained", required=True)
-    parser.add_argument("--source_finetuned", required=True)
-    parser.add_argument("--target", required=True, help="target backbone (name or folder)")
-    parser.add_argument("--num_classes", type=int, required=True)
-    parser.add_argument("--data", default=None,
-                        help="calibration data: 'mnist5k', 'rotten_tomatoes' or a file/folder")
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--calibration_batches", type=int, default=8)
-    parser.add_argument("--method", default="theseus", choices=["theseus", "slice", "head_only"])
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--out", required=True, help="output checkpoint (.safetensors or .ckpt)")
+TRANSPORT_USAGE = """\
+warmstart transport -c FIT_CONFIG -c callbacks/transport.yaml --out TARGET.safetensors
+                    [--overwrite] [any fit option, e.g. --transport.options.alpha=2
+                    --transport.options.solver=eigh --trainer.accelerator=cuda]
+
+Warm-start the target of a fit config without training and write its weights (safetensors)
+and the transport report (<out>.report.json). Every option of the transport callback
+(--transport.*) and of the Trainer (--trainer.*, e.g. the device) is available; they are
+listed, with help, by `warmstart fit --help`."""
+
+
+def transport_command(argv: list[str]) -> Path:
+    """``warmstart transport``: the transported target's weights, written to ``--out``."""
+    parser = argparse.ArgumentParser(prog="warmstart transport", usage=TRANSPORT_USAGE,
+                                     add_help=False)
+    parser.add_argument("--out", help="output weights of the target network (.safetensors)")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.help or not args.out:
+        print(TRANSPORT_USAGE)
+        if args.help:
+            return Path()
+        raise ValueError("warmstart transport needs --out TARGET.safetensors.")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists already; pass --overwrite or choose another --out.")
+    cli = build_cli([*rest, "--trainer.max_steps=0", "--trainer.logger=false",
+                     "--trainer.enable_checkpointing=false", "--trainer.num_sanity_val_steps=0",
+                     f"--trainer.default_root_dir={out.parent / (out.stem + '_run')}"])
+    warm = next((c for c in cli.trainer.callbacks if isinstance(c, TaskVectorTransport)), None)
+    if warm is None:
+        raise ValueError("warmstart transport needs a transport section: add "
+                         "-c callbacks/transport.yaml (or --transport.source_pretrained=... "
+                         "--transport.source_finetuned=...).")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return write_target(cli.model, warm, out, args.overwrite)
+
+
+def write_target(model: L.LightningModule, warm: TaskVectorTransport, out: Path,
+                 overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
-    from .data import ImageClassificationData, TextClassificationData
-    from .models import Classifier, tokenizer_for
-    from .warm import TransportConfig, run_transport
-
-    model = Classifier(args.target, args.num_classes)
-    is_text = tokenizer_for(args.target) is not None
-    if is_text:
-        data = TextClassificationData(args.data or "rotten_tomatoes", tokenizer=args.target)
-    else:
-        data = ImageClassificationData(args.data or "mnist5k", image_size=args.image_size)
-    data.setup("fit")
-    config = TransportConfig(args.source_pretrained, args.source_finetuned, args.method,
-                             args.calibration_batches, args.alpha)
-    config.check()
-    report = run_transport(config, model, data.train_dataloader(), None)
+    target = find_target(model, warm.plan.target_attribute)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.model.state_dict().items()}
-    save_file(state, str(out))
-    path = report.write_json(out.with_suffix(".report.json"), overwrite=args.overwrite)
-    print(f"transported target written to {out}; report: {path}")
-
-
-def _compare_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="warmstart compare",
-                                     description="Run arms x seeds and write the report.")
-    parser.add_argument("-c", "--config", required=True, help="compare config (YAML)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing report in out_dir")
-    parser.add_argument("overrides", nargs="*",
-                        help="extra LightningCLI arguments for every run, e.g. "
-                             "--trainer.max_steps=50")
-    args, extra = parser.parse_known_args(argv)
-    from ..experiments.compare import CompareConfig, run_compare
-
-    config = CompareConfig.from_yaml(args.config, [*args.overrides, *extra])
-    run_compare(config, overwrite=args.overwrite)
-    print(f"report written to {Path(config.out_dir) / 'report.html'}")
-
-
-def _demo_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="warmstart demo",
-        description="The embedded default: EfficientNet-Lite0 -> Lite2 on MNIST 5k, all arms.")
-    parser.add_argument("--out_dir", default="runs/demo")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    from ..experiments.compare import CompareConfig, run_compare
-
-    config_path = Path(__file__).parent / "configs" / "demo.yaml"
-    config = CompareConfig.from_yaml(config_path)
-    config = CompareConfig(**{**config.__dict__, "out_dir": args.out_dir,
-                              "source": {**config.source,
-                                         "checkpoint": str(Path(args.out_dir) / "source.ckpt")}})
-    run_compare(config, overwrite=True if args.overwrite else False)
-    print(f"demo report: {Path(args.out_dir) / 'report.html'}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else None
-    try:
-        if command in EXTRA_COMMANDS:
-            handler = {"transport": _transport_command, "compare": _compare_command,
-                       "demo": _demo_command}[command]
-            handler(argv[1:])
-        else:
-            if command in ("-h", "--help", None):
-                print(__doc__)
-            # from the console script LightningCLI reads sys.argv itself (given both, it warns)
-            _lightning_cli()(args=None if from_command_line else argv)
-    except USER_ERRORS as err:
-        print(f"warmstart: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in target.state_dict().items()},
+              str(out))
+    report = warm.report.write_json(out.with_suffix(".report.json"), overwrite=overwrite)
+    print(f"transported target written to {out}; report: {report}")
+    return out

@@ -1,196 +1,184 @@
-"""The work behind the Lightning callbacks: load the source, build calibration batches from the
-trainer's data, evaluate a few validation batches, run the transport.
-
-Batches follow warmstart's convention: dicts with ``label`` and either ``image`` [B, 3, H, W] or
-``input_ids`` / ``attention_mask`` plus the raw ``text`` (so the source's own tokenizer can
-re-tokenize the same examples). The LightningModule maps a batch to logits with ``forward(batch)``
-and to its model's inputs with ``model_inputs(batch)``.
+"""The work behind :class:`~warmstart.TaskVectorTransport`: find the target network in the user's
+LightningModule, build the source, take calibration inputs from this rank's shard of the training
+data, score ``alpha="auto"`` with the module's own validation, and run the engine's transport.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from itertools import islice
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-from ..engine.matching import check_depth_mapping
-from ..engine.task_vector import load_state_dict
-from ..engine.transport import DEFAULT_ALPHA_GRID, check_alpha_grid, check_options, transport
+from ..engine.families import describe_model
+from ..engine.options import TransportOptions
+from ..engine.task_vector import as_state_dict, fit_prefix
+from ..engine.transport import transport
 from ..engine.transport_report import TransportReport
-from .models import build_model, tokenizer_for
+from .batches import InputsFn, TokenizeText, take_inputs
+from .validation import check_validation, monitored, quiet_validation
+
+DEFAULT_CALIBRATION_BATCHES = 8
+_HF_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
+             "ForCausalLM", "ForMaskedLM", "ForQuestionAnswering")
 
 
 @dataclass(frozen=True)
-class TransportConfig:
-    """Everything that decides a transport; its fingerprint guards against applying twice."""
+class WarmStart:
+    """What the callback needs besides the transport options (all YAML-serialisable but the
+    callables and a source module given from Python)."""
 
-    source_pretrained: str
-    source_finetuned: str
-    method: Literal["theseus", "slice", "head_only"] = "theseus"
-    calibration_batches: int = 8
-    alpha: float | str = 1.0
-    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    source_pretrained: str | nn.Module
+    source_finetuned: str | nn.Module | Mapping
+    options: TransportOptions
+    target_attribute: str | None = None
+    inputs: InputsFn | None = None
+    source_inputs: InputsFn | None = None
+    source_tokenizer: str | None = None
+    text_key: str = "text"
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
     alpha_val_batches: int = 4
-    center: bool = False
-    whiten: float = 0.0
-    completion: Literal["none", "crop"] = "crop"
-    solver: Literal["auto", "svd", "eigh"] = "auto"
-    depthwise: Literal["diagonal", "zero"] = "diagonal"
-    embeddings: Literal["zero", "map"] = "zero"
-    depth_mapping: tuple[int, ...] | None = None
-    bn_recalibration: int = 0
-    strict: bool = True
     source_model_kwargs: dict[str, Any] = field(default_factory=dict)
-    target_attribute: str = "model"
-
-    def check(self) -> None:
-        check_options(self.method, self.alpha, self.whiten, self.depthwise, self.embeddings,
-                      self.solver)
-        if self.alpha == "auto":
-            check_alpha_grid(self.alpha_grid)
-        check_depth_mapping(self.depth_mapping)
-        if self.bn_recalibration < 0:
-            raise ValueError(f"bn_recalibration must be >= 0 batches, got {self.bn_recalibration}.")
-        if self.calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}.")
-        if self.alpha == "auto" and self.alpha_val_batches < 1:
-            raise ValueError(f"alpha_val_batches must be >= 1 with alpha='auto', got "
-                             f"{self.alpha_val_batches}.")
-        if not Path(self.source_finetuned).exists():
-            raise FileNotFoundError(
-                f"source_finetuned checkpoint {self.source_finetuned!r} does not exist; give the "
-                "path of the fine-tuned source (a Lightning .ckpt, safetensors, .pt/.bin or a "
-                "Hugging Face folder)."
-            )
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        described = {"source_pretrained": _describe(self.source_pretrained),
+                     "source_finetuned": _describe(self.source_finetuned),
+                     "options": self.options.to_dict(), "target": self.target_attribute}
+        blob = json.dumps(described, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def calibration_batches(self) -> int:
+        return self.options.calibration_batches or DEFAULT_CALIBRATION_BATCHES
 
-def target_module(pl_module: nn.Module, attribute: str) -> nn.Module:
-    module = getattr(pl_module, attribute, None)
-    if not isinstance(module, nn.Module):
-        found = "" if module is None else f" (it is a {type(module).__name__})"
-        raise AttributeError(
-            f"{type(pl_module).__name__} has no module attribute {attribute!r}{found} to "
-            "transport into; set target_attribute to the attribute that holds the network "
-            "(warmstart's Classifier uses 'model')."
-        )
+
+def _describe(value: Any) -> str:
+    return f"<{type(value).__name__}>" if isinstance(value, (nn.Module, Mapping)) else str(value)
+
+
+def find_target(pl_module: nn.Module, path: str | None) -> nn.Module:
+    """The network at dotted ``path`` (``""``: the module itself; ``None``: the one child module
+    that holds all the parameters)."""
+    if path is None:
+        return _only_child(pl_module)
+    module = pl_module
+    for i, part in enumerate(path.split(".") if path else []):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            found = "" if module is None else f" (it is a {type(module).__name__})"
+            where = ".".join(path.split(".")[:i + 1])
+            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
+            raise AttributeError(
+                f"{type(pl_module).__name__} has no module at target_attribute={path!r}: "
+                f"{where!r} is missing{found}; its child modules are: {children}. Set "
+                "target_attribute to the dotted path of the network ('' for the module itself).")
     return module
 
 
-def load_source(config: TransportConfig, num_classes: int,
-                module: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """The source base model (for activations) and the finetuned weights, in its naming."""
-    pretrained = module if module is not None else build_model(
-        config.source_pretrained, num_classes, pretrained=True,
-        model_kwargs=dict(config.source_model_kwargs))
-    finetuned = load_state_dict(config.source_finetuned)
-    names = set(pretrained.state_dict())
-    if not names & set(finetuned):
-        stripped = {k.split(".", 1)[1]: v for k, v in finetuned.items() if "." in k}
-        if names & set(stripped):  # a LightningModule checkpoint: strip "model." and the like
-            finetuned = stripped
-    return pretrained, finetuned
+def _only_child(pl_module: nn.Module) -> nn.Module:
+    total = sum(p.numel() for p in pl_module.parameters())
+    holders = [(n, m) for n, m in pl_module.named_children() if any(True for _ in m.parameters())]
+    if len(holders) == 1 and sum(p.numel() for p in holders[0][1].parameters()) == total:
+        return holders[0][1]
+    names = ", ".join(n for n, _ in holders) or "none"
+    raise AttributeError(
+        f"cannot tell which part of {type(pl_module).__name__} is the target network: its "
+        f"parameters sit in {len(holders)} child modules ({names}); set target_attribute to the "
+        "dotted path of the network, or '' to transport into the module itself.")
 
 
-def head_classes(model: nn.Module) -> int:
-    for attr in ("head", "classifier", "fc"):
-        head = getattr(model, attr, None)
-        if isinstance(head, nn.Linear):
-            return head.out_features
-    raise AttributeError(f"{type(model).__name__} has no linear task head "
-                         "(head/classifier/fc); warmstart transports into classifiers.")
+def build_source(spec: str | nn.Module, target: nn.Module, model_kwargs: dict) -> nn.Module:
+    """The source base model: the module itself, the target's Hugging Face auto class over a
+    folder (or packaged text name), or :func:`~warmstart.lightning.models.build_model`."""
+    if isinstance(spec, nn.Module):
+        return spec
+    from .models import _text_dir, build_model
+
+    suffix = next((s for s in _HF_HEADS if type(target).__name__.endswith(s)), None)
+    folder = _text_dir(spec) if suffix else None
+    if folder is not None:
+        import transformers
+
+        auto = getattr(transformers, f"AutoModel{suffix}")
+        kwargs = {"num_labels": target.config.num_labels} if "Classification" in suffix else {}
+        return auto.from_pretrained(folder, **kwargs, **model_kwargs).eval()
+    return build_model(spec, head_classes(target) or 2, pretrained=True,
+                       model_kwargs=dict(model_kwargs))
 
 
-def calibration_pairs(batches: Iterable[dict], pl_module, source_name: str | None, count: int
-                      ) -> tuple[list[Any], list[Any]]:
-    """Source and target inputs for the first ``count`` batches (text re-tokenized per model)."""
-    tokenizer = tokenizer_for(source_name) if source_name is not None else None
-    source_inputs, target_inputs = [], []
-    for batch in islice(batches, count):
-        target_in = pl_module.model_inputs(batch)
-        target_inputs.append(target_in)
-        if tokenizer is None:
-            source_inputs.append(target_in)
-            continue
-        if "text" not in batch:
-            raise ValueError("text batches need the raw 'text' so the source tokenizer can "
-                             "re-tokenize them; use warmstart's TextClassificationData.")
-        encoded = tokenizer(list(batch["text"]), padding=True, truncation=True,
-                            max_length=int(batch["input_ids"].shape[1]), return_tensors="pt")
-        source_inputs.append({"input_ids": encoded["input_ids"],
-                              "attention_mask": encoded["attention_mask"]})
-    return source_inputs, target_inputs
+def head_classes(target: nn.Module) -> int | None:
+    """Rows of the target's task head, as its family layout finds it (``None``: no head)."""
+    state = target.state_dict()
+    heads = [p.name for p in describe_model(target).params if p.rule == "head"]
+    return int(state[heads[0]].shape[0]) if heads else None
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
+def load_finetuned(spec: str | nn.Module | Mapping, source: nn.Module) -> dict:
+    """The fine-tuned source's weights in the source model's naming (wrapper prefix stripped)."""
+    state = as_state_dict(spec)
+    return fit_prefix(state, source.state_dict(), f"source_finetuned {_describe(spec)}")
 
 
-@torch.no_grad()
-def evaluate(pl_module, batches: Iterable[dict], max_batches: int | None = None) -> dict:
-    """Mean cross-entropy and accuracy of ``pl_module(batch)`` over (at most) ``max_batches``."""
-    was_training = pl_module.training
-    pl_module.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for batch in islice(batches, max_batches):
-            batch = to_device(batch, pl_module.device)
-            logits = pl_module(batch)
-            labels = batch["label"]
-            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += int(labels.numel())
-    finally:
-        pl_module.train(was_training)
-    if count == 0:
-        raise ValueError("the validation data yielded no examples.")
-    return {"val_loss": loss_sum / count, "val_acc": correct / count}
+def calibration_batches(trainer: L.Trainer) -> Any:
+    """This rank's shard of the training data, unshuffled (Lightning's distributed sampler)."""
+    loader = trainer.fit_loop._data_source.dataloader()
+    return trainer._data_connector._prepare_dataloader(loader, shuffle=False,
+                                                       mode=RunningStage.TRAINING)
 
 
-def run_transport(config: TransportConfig, pl_module, train_batches: Iterable[dict],
-                  val_batches: Iterable[dict] | None, progress: bool = True,
-                  source_module: nn.Module | None = None) -> TransportReport:
-    """Transport into ``pl_module.<target_attribute>`` in place; returns the report.
+def _source_inputs(plan: WarmStart) -> InputsFn | None:
+    if plan.source_inputs is not None:
+        return plan.source_inputs
+    if plan.source_tokenizer is not None:
+        return TokenizeText(plan.source_tokenizer, plan.text_key)
+    return None
 
-    ``source_module`` (Python use) replaces building the source from ``config.source_pretrained``.
-    """
-    target = target_module(pl_module, config.target_attribute)
-    source, finetuned = load_source(config, head_classes(target), source_module)
+
+def _move(trainer: L.Trainer) -> Callable[[Any], Any]:
+    return lambda batch: trainer.strategy.batch_to_device(batch)
+
+
+def alpha_scorer(trainer: L.Trainer, plan: WarmStart) -> Callable[[nn.Module], float]:
+    """``evaluate(target)`` for ``alpha="auto"``: the module's monitored validation metric over
+    ``alpha_val_batches`` batches (lower is better; negated for ``mode="max"``), averaged over
+    the ranks so that every rank picks the same alpha."""
+    check_validation(trainer, "alpha='auto'")
+    sign = 1.0 if plan.mode == "min" else -1.0
+
+    def evaluate(_target: nn.Module) -> float:
+        metrics = quiet_validation(trainer, plan.alpha_val_batches)
+        score = sign * monitored(metrics, plan.monitor, "alpha='auto'")
+        return float(trainer.strategy.reduce(torch.tensor(score), reduce_op="mean"))
+
+    return evaluate
+
+
+def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmStart,
+                  progress: bool = True) -> TransportReport:
+    """Transport into the target network of ``pl_module`` in place; returns the report."""
+    target = find_target(pl_module, plan.target_attribute)
+    source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
+    finetuned = load_finetuned(plan.source_finetuned, source)
     source.to(pl_module.device)
-    calibration, target_calibration = (None, None)
-    if config.method != "slice" or config.bn_recalibration > 0:
-        calibration, target_calibration = calibration_pairs(
-            train_batches, pl_module,
-            None if source_module is not None else config.source_pretrained,
-            config.calibration_batches)
-    evaluate_fn = None
-    if config.alpha == "auto":
-        if val_batches is None:
-            raise ValueError("alpha='auto' needs validation data; give the Trainer a val loader.")
-        cached = list(islice(val_batches, config.alpha_val_batches))
-        evaluate_fn = lambda _model: evaluate(pl_module, cached)["val_loss"]  # noqa: E731
+    calibration = source_calibration = None
+    if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
+        source_fn, move = _source_inputs(plan), _move(trainer)
+        with isolate_rng():  # the training run's data order stays what it would have been
+            batches = (move(b) for b in calibration_batches(trainer))
+            calibration, source_calibration = take_inputs(
+                batches, plan.calibration_batches, target, plan.inputs, source_fn)
+    evaluate = alpha_scorer(trainer, plan) if plan.options.alpha == "auto" else None
     return transport(
-        source, finetuned, target, calibration, target_calibration=target_calibration,
-        method=config.method, alpha=config.alpha, alpha_grid=config.alpha_grid,
-        evaluate=evaluate_fn, center=config.center, whiten=config.whiten,
-        completion=config.completion, solver=config.solver, depthwise=config.depthwise,
-        embeddings=config.embeddings,
-        depth_mapping=list(config.depth_mapping) if config.depth_mapping else None,
-        bn_recalibration=config.bn_recalibration, strict=config.strict, progress=progress,
-    )
-
+        source, finetuned, target,
+        source_calibration if source_calibration is not None else calibration,
+        target_calibration=calibration if source_calibration is not None else None,
+        evaluate=evaluate, options=plan.options.replace(
+            calibration_batches=plan.calibration_batches), progress=progress)

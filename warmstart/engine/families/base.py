@@ -166,13 +166,29 @@ def join(prefix: str, name: str) -> str:
 
 
 def find_head(model: nn.Module, backbone_prefix: str) -> tuple[str, nn.Linear] | None:
-    """A task head: a top-level ``nn.Linear`` called ``head``/``classifier``/``fc`` outside the
-    backbone."""
-    for attr in ("head", "classifier", "fc"):
+    """The task head: timm's ``get_classifier()``, else a top-level ``nn.Linear`` called
+    ``head`` / ``classifier`` / ``fc`` / ``score`` outside the backbone."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        for name, module in model.named_modules():
+            if module is head and isinstance(module, nn.Linear) and name:
+                return name, module
+    for attr in ("head", "classifier", "fc", "score"):
         module = getattr(model, attr, None)
         if isinstance(module, nn.Linear) and attr != backbone_prefix:
             return attr, module
     return None
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The last module that holds parameters (``named_modules`` order), if it is an
+    ``nn.Linear``: the output layer of a plain network such as an ``nn.Sequential`` MLP."""
+    last = None
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters(recurse=False)):
+            last = (name, module)
+    return last if last is not None and isinstance(last[1], nn.Linear) else None
 
 
 def linear_params(

@@ -2,15 +2,26 @@
 
 Every ``nn.Linear`` / ``nn.Conv*`` gets its own input and output spaces, every norm layer its output
 space; no coordinates are assumed to be shared between layers, since the fallback cannot know which
-functions between them are elementwise. The task head is a top-level ``head``/``classifier``/``fc``
-linear layer.
+functions between them are elementwise. The task head is timm's ``get_classifier()``, a top-level
+``head``/``classifier``/``fc``/``score`` linear layer, or else the last layer when it is linear (an
+``nn.Sequential`` MLP's output layer).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Family, ModelLayout, ParamRole, Point, Space, SpaceKey, find_head, join
+from .base import (
+    Family,
+    ModelLayout,
+    ParamRole,
+    Point,
+    Space,
+    SpaceKey,
+    find_head,
+    join,
+    last_linear,
+)
 
 _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -28,7 +39,7 @@ def _width(module: nn.Module, side: str) -> int:
 def describe(model: nn.Module) -> ModelLayout:
     spaces: list[Space] = []
     params: list[ParamRole] = []
-    head = find_head(model, "")
+    head = find_head(model, "") or last_linear(model)
     for name, module in model.named_modules():
         layout = _layout(module)
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):

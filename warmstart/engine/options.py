@@ -1,0 +1,160 @@
+"""The one option set of a transport.
+
+:func:`warmstart.transport`, the :class:`~warmstart.TaskVectorTransport` callback, the
+``warmstart transport`` command and the transport report all read this one frozen dataclass, so an
+option is added in one place. jsonargparse (which LightningCLI uses) reads its fields and their
+help text from the docstring below, so YAML configs name them as ``options: {alpha: 2, ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .matching import check_depth_mapping
+from .procrustes import check_solver
+
+Method = Literal["theseus", "slice", "head_only"]
+METHODS = ("theseus", "slice", "head_only")
+DEFAULT_ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+_NEGATIVE_ALPHA = ("{}: the task head is replaced by the finetuned head whatever alpha is, so a "
+                   "negative alpha would move the body away from the task its head predicts; use "
+                   "alpha=0 to transport the head alone.")
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """How a task vector is moved from the source into the target.
+
+    Args:
+        method: ``theseus`` (Procrustes maps from activations), ``slice`` (crop/zero-pad every
+            tensor, no activations) or ``head_only`` (only the task head, on its input side).
+        alpha: strength of the update ``theta + alpha * tau``; ``auto`` takes the best of
+            ``alpha_grid`` by a validation score (forward passes only).
+        alpha_grid: the strengths tried by ``alpha="auto"``.
+        calibration_batches: calibration batches observed (``None``: all that are given).
+        center: subtract the mean activations before computing the maps.
+        whiten: partial whitening power in [0, 0.5] (0: the method's uncentered cross moment).
+        completion: directions no calibration row determines get the crop map restricted to them
+            (``crop``) or no delta (``none``).
+        rank_rtol: singular values below ``rank_rtol`` times the largest count as zero.
+        solver: polar factor by exact SVD (``svd``), polished Gram eigendecomposition (``eigh``),
+            or ``auto`` (``eigh`` on CUDA, ``svd`` elsewhere).
+        depthwise: depthwise convolutions by their diagonal (``diagonal``) or left as they are
+            (``zero``).
+        embeddings: token/position/patch embeddings get a zero delta (``zero``, the method's
+            default) or have their feature dimension mapped (``map``).
+        depth_mapping: source block index for every target block (default: relative depth).
+        bn_recalibration: after the update, re-estimate BatchNorm running statistics from this
+            many calibration batches (0: off).
+        strict: refuse parameters that cannot be matched (``False``: give them a zero delta and
+            list them in the report).
+        source_family: family adapter of the source (default: detected).
+        target_family: family adapter of the target (default: detected).
+    """
+
+    method: Method = "theseus"
+    alpha: float | Literal["auto"] = 1.0
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    calibration_batches: int | None = None
+    center: bool = False
+    whiten: float = 0.0
+    completion: Literal["none", "crop"] = "crop"
+    rank_rtol: float = 1e-6
+    solver: Literal["auto", "svd", "eigh"] = "auto"
+    depthwise: Literal["diagonal", "zero"] = "diagonal"
+    embeddings: Literal["zero", "map"] = "zero"
+    depth_mapping: tuple[int, ...] | dict[int, int] | None = None
+    bn_recalibration: int = 0
+    strict: bool = True
+    source_family: str | None = None
+    target_family: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__.__get__(self)  # frozen: normalise once, here
+        if isinstance(self.alpha_grid, (list, tuple)):
+            set_("alpha_grid", tuple(self.alpha_grid))
+        if isinstance(self.depth_mapping, list):
+            set_("depth_mapping", tuple(self.depth_mapping))
+        self.check()
+
+    def check(self) -> None:
+        """Every option's type and range; raises ``ValueError`` naming the option and the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        _check_alpha(self.alpha)
+        if self.alpha == "auto":
+            check_alpha_grid(self.alpha_grid)
+        if not _is_number(self.whiten) or not 0.0 <= self.whiten <= 0.5:
+            raise ValueError(f"whiten must be a power in [0, 0.5], got {self.whiten!r}.")
+        for name, allowed in (("completion", ("none", "crop")), ("depthwise", ("diagonal", "zero")),
+                              ("embeddings", ("zero", "map"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        check_solver(self.solver)
+        check_depth_mapping(self.depth_mapping)
+        if not _is_count(self.bn_recalibration, 0):
+            raise ValueError(f"bn_recalibration must be a number of batches >= 0, got "
+                             f"{self.bn_recalibration!r}.")
+        if self.calibration_batches is not None and not _is_count(self.calibration_batches, 1):
+            raise ValueError(f"calibration_batches must be None (all batches) or a number of "
+                             f"batches >= 1, got {self.calibration_batches!r}.")
+        if not _is_number(self.rank_rtol) or not 0.0 <= self.rank_rtol < 1.0:
+            raise ValueError(f"rank_rtol must be in [0, 1), got {self.rank_rtol!r}.")
+
+    def replace(self, **changes: Any) -> TransportOptions:
+        """A copy with ``changes``; an unknown name gets an error listing the options."""
+        unknown = sorted(set(changes) - set(option_names()))
+        if unknown:
+            raise TypeError(f"unknown transport option(s) {unknown}; the options are "
+                            f"{option_names()} (see warmstart.TransportOptions).")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples as lists), e.g. for the report and fingerprints."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+            elif isinstance(value, Mapping):
+                out[key] = {str(k): v for k, v in value.items()}
+        return out
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TransportOptions)]
+
+
+def check_alpha_grid(grid: Any) -> list[float]:
+    """The grid for ``alpha="auto"`` as floats: non-empty, finite, >= 0."""
+    try:
+        values = [float(a) for a in grid]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}."
+                         ) from err
+    if not values or not all(math.isfinite(a) for a in values):
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {values!r}.")
+    if min(values) < 0:
+        raise ValueError(_NEGATIVE_ALPHA.format(f"alpha_grid values must be >= 0, got {values!r}"))
+    return values
+
+
+def _check_alpha(alpha: Any) -> None:
+    if alpha == "auto":
+        return
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number or 'auto', got {alpha!r}.")
+    if alpha < 0:
+        raise ValueError(_NEGATIVE_ALPHA.format(f"alpha must be >= 0, got {alpha!r}"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least

@@ -1,0 +1,248 @@
+"""Compute the update of a transport (maps, then every parameter's rule) without writing it."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import rules
+from .activations import collect_statistics
+from .checks import _warn_zero
+from .families.base import ModelLayout, ParamRole, SpaceKey
+from .matching import Matching
+from .options import TransportOptions
+from .procrustes import ProcrustesMap, procrustes_map
+from .task_vector import as_state_dict, task_vector
+from .transport_report import MapReport, ParamReport
+
+
+@dataclass(frozen=True)
+class Update:
+    """Computed, not yet applied: ``deltas`` are added (times alpha), ``values`` replace,
+    ``log_scales`` multiply (``theta * exp(alpha * s)``, for variances)."""
+
+    deltas: Mapping[str, Tensor]
+    values: Mapping[str, Tensor]
+    params: tuple[ParamReport, ...]
+    maps: tuple[MapReport, ...]
+    skipped: tuple[tuple[str, str], ...]
+    log_scales: Mapping[str, Tensor] | None = None  # variances: theta * exp(alpha * log_scale)
+
+
+def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: ModelLayout,
+                   matching: Matching, calibration, target_calibration,
+                   options: TransportOptions, progress: bool = True
+                   ) -> tuple[Update, dict[str, float]]:
+    """Everything up to, not including, the write into the target.
+
+    ``options.solver`` must already be resolved (``svd`` or ``eigh``, not ``auto``).
+    """
+    timings: dict[str, float] = {}
+    opts, method = options, options.method
+    pretrained = as_state_dict(source)
+    head_names = {p.name for p in layout_s.params if p.rule in ("head", "head_bias")}
+    tau = task_vector(pretrained, finetuned, ignore=head_names)
+    _warn_zero(tau)
+    skipped = _check_coverage(layout_s, layout_t, matching, tau, target, opts.embeddings,
+                              opts.strict)
+    pairs = []
+    for pp in matching.params:
+        reason = _left_out(pp.target, method, opts.depthwise, opts.embeddings)
+        if reason is None:
+            pairs.append(pp)
+        else:
+            skipped.append((_display_name(pp.target), reason))
+    needed = {k for pp in pairs for k in (pp.target.space_in, pp.target.space_out) if k}
+    maps: dict[SpaceKey, ProcrustesMap] = {}
+    if method != "slice" and needed:
+        missing = sorted(str(k) for k in needed if k not in matching.spaces)
+        if missing:
+            raise ValueError(f"no paired activations observe the target spaces {missing}; the "
+                             "source and target adapters name no common points there.")
+        if calibration is None:
+            raise ValueError(f"method={method!r} needs calibration inputs; pass calibration=... "
+                             "(e.g. a DataLoader of unlabelled training inputs).")
+        t0 = time.perf_counter()
+        stats = collect_statistics(
+            source, target, layout_s, layout_t,
+            [matching.spaces[k] for k in sorted(needed, key=str)],
+            calibration, target_calibration, with_grams=opts.whiten > 0,
+            max_batches=opts.calibration_batches, progress=progress)
+        timings["statistics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        maps = {}
+        for key in list(stats):  # each space's statistics are freed once its map exists
+            maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
+                                       completion=opts.completion, rank_rtol=opts.rank_rtol,
+                                       solver=opts.solver)
+        timings["maps"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,
+                                                        method)
+    timings["rules"] = time.perf_counter() - t0
+    map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
+                        for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
+    _warn_rank(map_reports)
+    return Update(deltas, values, reports, map_reports, tuple(skipped), scales), timings
+
+
+def _left_out(role: ParamRole, method: str, depthwise: str, embeddings: str) -> str | None:
+    """Why a matched parameter keeps the target's value (a zero delta), or None to transport it."""
+    if method == "head_only" and role.rule not in ("head", "head_bias"):
+        return "zero delta: method='head_only' transports only the task head"
+    if role.rule == "embedding" and embeddings == "zero":
+        return "zero delta: embeddings='zero' (the method's default)"
+    if role.rule == "depthwise" and depthwise == "zero":
+        return "zero delta: depthwise='zero'"
+    return None
+
+
+def _display_name(role: ParamRole) -> str:
+    return role.name if role.rows is None else f"{role.name}[{role.rows[0]}:{role.rows[1]}]"
+
+
+def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, strict):
+    """Every parameter must be matched or carry an explicit reason; returns the skipped list."""
+    described_t = {p.name for p in layout_t.params} | set(layout_t.excluded)
+    described_s = {p.name for p in layout_s.params} | set(layout_s.excluded)
+    problems = [(n, "no family rule describes it (target)")
+                for n, v in target.state_dict().items()
+                if v.is_floating_point() and n not in described_t]
+    problems += [(n, "no family rule describes it (source)") for n in tau if n not in described_s]
+    zero_ok = {"embedding"} if embeddings == "zero" else set()
+    rules_t = {p.name: p.rule for p in layout_t.params}
+    rules_s = {p.name: p.rule for p in layout_s.params}
+    problems += [(n, r) for n, r in matching.unmatched_target if rules_t.get(n) not in zero_ok]
+    listed_zero = [(n, f"zero delta: embeddings='zero' ({r})") for n, r in matching.unmatched_target
+                   if rules_t.get(n) in zero_ok]
+    problems += [(n, r) for n, r in matching.unmatched_source
+                 if rules_s.get(n) not in zero_ok and n in tau]
+    if problems and strict:
+        listed = "; ".join(f"{n}: {r}" for n, r in problems[:10])
+        raise ValueError(
+            f"{len(problems)} parameter(s) cannot be matched between source "
+            f"({layout_s.family}) and target ({layout_t.family}): "
+            f"{listed}{' ...' if len(problems) > 10 else ''}. Pass "
+            "strict=False to skip them (they keep a zero delta and are listed in the report), or "
+            "choose models of compatible families."
+        )
+    skipped = list(problems) + listed_zero
+    skipped += [(n, f"zero delta: {layout_t.excluded[n]}") for n in layout_t.excluded]
+    return skipped
+
+
+def _role_tensor(tensors: Mapping[str, Tensor], role: ParamRole) -> Tensor:
+    value = tensors[role.name]
+    if role.rows is not None:
+        value = value[role.rows[0]:role.rows[1]]
+    return value
+
+
+def _transport_params(pairs, tau, finetuned, target, maps, method):
+    target_state = target.state_dict()
+    deltas: dict[str, Tensor] = {}
+    values: dict[str, Tensor] = {}
+    scales: dict[str, Tensor] = {}
+    reports = []
+    for pp in pairs:
+        role_t, role_s = pp.target, pp.source
+        current = _role_tensor(target_state, role_t)
+        if role_t.rule in ("head", "head_bias"):
+            source_value = _role_tensor(finetuned, role_s).double()
+        elif role_t.rule == "variance" and role_s.name in tau:
+            source_value = _log_ratio(_role_tensor(finetuned, role_s), _role_tensor(tau, role_s))
+        elif role_s.name in tau:
+            source_value = _role_tensor(tau, role_s).double()
+        else:
+            continue
+        t_out = maps.get(role_t.space_out) if role_t.space_out else None
+        t_in = maps.get(role_t.space_in) if role_t.space_in else None
+        device = t_out.map.device if t_out else (t_in.map.device if t_in else current.device)
+        new = _apply_rule(role_t, source_value.to(device), current.shape, method,
+                          t_out.map if t_out else None, t_in.map if t_in else None)
+        store = (values if role_t.rule in ("head", "head_bias")
+                 else scales if role_t.rule == "variance" else deltas)
+        _place(store, role_t, new, target_state)
+        reports.append(ParamReport(
+            _display_name(role_t),
+            role_t.role, role_t.rule if method != "slice" else "slice", role_s.name,
+            float(source_value.norm()), float(new.norm()),
+            str(role_t.space_out) if role_t.space_out else None,
+            str(role_t.space_in) if role_t.space_in else None,
+            t_out.residual if t_out else None, t_in.residual if t_in else None))
+    return deltas, values, scales, tuple(reports)
+
+
+def _log_ratio(finetuned: Tensor, tau: Tensor) -> Tensor:
+    """Per-channel ``log(v_finetuned / v_pretrained)`` of a variance (0 where either is 0).
+
+    Variances are moved as multiplicative changes: a mapped ratio keeps every target variance
+    positive (an additive delta turns small or dead target channels negative) and leaves dead
+    channels at 0.
+    """
+    after = finetuned.double()
+    before = after - tau.double()
+    ok = (before > 0) & (after > 0)
+    return torch.where(ok, torch.log(after.clamp_min(1e-300) / before.clamp_min(1e-300)), 0.0)
+
+
+def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> Tensor:
+    if method == "slice" and role.rule not in ("head", "head_bias"):
+        return rules.crop_pad(value, tuple(shape))
+    if role.rule == "head_bias":
+        new = value
+    elif role.rule == "head":
+        new = rules.crop_pad(value, tuple(shape)) if method == "slice" else rules.head(value, t_in)
+    elif role.rule == "linear":
+        new = rules.linear(value, t_out, t_in)
+    elif role.rule == "vector":
+        new = rules.vector(value, t_out)
+    elif role.rule == "variance":
+        new = rules.variance(value, t_out)
+    elif role.rule == "conv":
+        if value.shape[2:] != tuple(shape[2:]):
+            raise ValueError(f"{role.name}: kernel {tuple(value.shape[2:])} of the source cannot "
+                             f"be transported into kernel {tuple(shape[2:])}.")
+        new = rules.conv(value, t_out, t_in)
+    elif role.rule == "depthwise":
+        new = rules.depthwise(value, t_out)
+    else:  # embedding with embeddings="map"
+        new = rules.embedding(value, t_out)
+    if tuple(new.shape) != tuple(shape):
+        raise ValueError(f"{role.name}: the {role.rule} rule produced shape {tuple(new.shape)} but "
+                         f"the target parameter has shape {tuple(shape)}; for the head, source "
+                         "and target must predict the same classes.")
+    return new
+
+
+def _place(store: dict[str, Tensor], role: ParamRole, new: Tensor, target_state) -> None:
+    if role.rows is None:
+        store[role.name] = new
+        return
+    if role.name not in store:
+        store[role.name] = torch.zeros(target_state[role.name].shape, dtype=new.dtype,
+                                       device=new.device)
+    store[role.name][role.rows[0]:role.rows[1]] = new
+
+
+def _map_report(key: SpaceKey, source_key: SpaceKey, m: ProcrustesMap) -> MapReport:
+    d_s, d_t = m.map.shape
+    return MapReport(str(key), str(source_key), d_s, d_t, m.n_rows, m.rank, m.residual,
+                     m.alignment, m.completed)
+
+
+def _warn_rank(maps: tuple[MapReport, ...]) -> None:
+    deficient = [m for m in maps if not m.determined]
+    if deficient:
+        worst = ", ".join(f"{m.target_space} rank {m.rank}/{min(m.d_source, m.d_target)} "
+                          f"from {m.n_rows} rows" for m in deficient[:3])
+        warnings.warn(
+            f"{len(deficient)} of {len(maps)} maps are rank-deficient ({worst}); their "
+            "undetermined directions get no delta. Use more calibration data, or "
+            "completion='crop' for a deterministic completion.", stacklevel=3)
+
