@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import BertTokenizerFast
 
@@ -14,8 +15,10 @@ from warmstart.lightning.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageClassificationData,
+    ImageCollate,
     TextClassificationData,
     TextCollate,
+    image_data_config,
     load_rotten_tomatoes,
     read_table,
 )
@@ -199,6 +202,80 @@ def test_csv_of_image_paths_with_custom_columns(tmp_path):
     assert len(data.split("test")) == 3  # no test split given: the validation split
 
 
+def hand_collate(examples, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The collate this package had before timm's transform: [0, 1] pixels, one bilinear
+    antialiased resize to size x size, ImageNet normalization."""
+    images = []
+    for e in examples:
+        image = e["image"]
+        if hasattr(image, "convert"):
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        else:
+            pixels = torch.as_tensor(image)
+            pixels = pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels
+        images.append(F.interpolate(pixels.float()[None] / 255.0, size=(size, size),
+                                    mode="bilinear", align_corners=False, antialias=True))
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return (torch.cat(images) - mean) / std
+
+
+@needs_mnist
+@pytest.mark.parametrize("size", [16, 28, 40])
+def test_mnist_batches_match_the_hand_written_resize_and_normalization(size):
+    data = ImageClassificationData(image_size=size, batch_size=16, train_limit=16, val_limit=16)
+    examples = [data.split("val")[i] for i in range(16)]
+    batch = data.collate(examples)
+    torch.testing.assert_close(batch["image"], hand_collate(examples, size),
+                               atol=1e-5, rtol=1e-5)
+    # the whole digit is kept: its ink fills the same rows and columns as before (no crop)
+    ink = (batch["image"][:, 0] > batch["image"][:, 0, 0, 0, None, None] + 0.5).any(0)
+    assert ink.any(0).nonzero().max() > 0.75 * size and ink.any(1).nonzero().min() < 0.25 * size
+
+
+def test_image_folder_batches_match_the_hand_written_collate(tmp_path):
+    """RGB, grayscale and palette PNGs of several sizes, squashed (not cropped) to 12 x 12."""
+    write_images(tmp_path)
+    data = ImageClassificationData(str(tmp_path), image_size=12, batch_size=8, val_size=2)
+    examples = [data.split("train")[i] for i in range(6)]
+    assert len({e["image"].size for e in examples}) > 1
+    torch.testing.assert_close(data.collate(examples)["image"], hand_collate(examples, 12),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_timm_model_gives_its_own_normalization_and_explicit_values_win():
+    default = image_data_config(32)
+    assert (default["mean"], default["std"]) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert default["interpolation"] == "bilinear" and default["input_size"] == (3, 32, 32)
+    vit = image_data_config(32, "vit_tiny_patch16_224")
+    assert (vit["mean"], vit["std"], vit["interpolation"]) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert (vit["input_size"], vit["crop_pct"], vit["crop_mode"]) == ((3, 32, 32), 1.0, "squash")
+    lite = image_data_config(32, "efficientnet_lite0")  # the packaged tf_ weights: 0.5 / 0.5
+    assert lite["mean"] == (0.5,) * 3
+    assert image_data_config(32, "resnet18.a1_in1k")["std"] == IMAGENET_STD
+    assert image_data_config(32, "vit_tiny_patch16_224", std=(1.0, 2.0, 4.0))["std"] == (
+        1.0, 2.0, 4.0)
+    pixels = torch.zeros(3, 5, 7)  # black; a squashed 5 x 7 image becomes 8 x 8
+    collate = ImageCollate(image_data_config(8, "vit_tiny_patch16_224"), {0: 0})
+    batch = collate([{"image": pixels, "label": 0}])
+    assert batch["image"].shape == (1, 3, 8, 8)
+    torch.testing.assert_close(batch["image"], torch.full((1, 3, 8, 8), -1.0))  # (0 - .5) / .5
+
+
+@needs_mnist
+def test_mnist_batches_for_a_timm_model_and_for_explicit_mean_std():
+    kwargs = dict(image_size=20, batch_size=8, train_limit=8, val_limit=8)
+    vit = next(iter(ImageClassificationData(timm_model="vit_tiny_patch16_224", **kwargs)
+                    .val_dataloader()))["image"]
+    assert vit.shape == (8, 3, 20, 20)
+    assert -1.3 < vit.min() < -1 and 1 < vit.max() < 1.3  # bicubic (ViT's) rings at the strokes
+    torch.testing.assert_close(vit[:, :, 0, 0], torch.full((8, 3), -1.0))  # black corners
+    own = ImageClassificationData(mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5), **kwargs)
+    examples = [own.split("val")[i] for i in range(8)]
+    torch.testing.assert_close(own.collate(examples)["image"],
+                               hand_collate(examples, 20, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5)),
+                               atol=1e-5, rtol=1e-5)
+
+
 @needs_rt
 def test_rotten_tomatoes_label_counts():
     corpus = load_rotten_tomatoes()
@@ -222,16 +299,24 @@ def test_rotten_tomatoes_batches_keep_text_and_pad_dynamically():
     assert len(data.split("train")) == 32 and len(data.split("val")) == 16
 
 
-def test_text_collate_pads_to_longest_and_keeps_text():
-    collate = TextCollate(pad_token_id=0)
+def test_text_collate_pads_to_longest_and_keeps_text(tokenizer_dir):
+    tokenizer = BertTokenizerFast.from_pretrained(tokenizer_dir)
     examples = [{"input_ids": [2, 5, 3], "label": 1, "text": "a"},
                 {"input_ids": [2, 5, 6, 7, 3], "label": 0, "text": "a good bad"}]
-    batch = collate(examples)
+    batch = TextCollate(tokenizer)(examples)
+    assert list(batch) == ["input_ids", "attention_mask", "label", "text"]
     assert batch["input_ids"].tolist() == [[2, 5, 3, 0, 0], [2, 5, 6, 7, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"].dtype == batch["label"].dtype == torch.int64
     assert batch["label"].tolist() == [1, 0] and batch["text"] == ["a", "a good bad"]
-    left = TextCollate(pad_token_id=0, padding_side="left")(examples)
+    assert set(examples[0]) == {"input_ids", "label", "text"}  # the examples are not changed
+    tokenizer.padding_side = "left"
+    left = TextCollate(tokenizer)(examples)
     assert left["input_ids"][0].tolist() == [0, 0, 2, 5, 3]
+    assert left["attention_mask"][0].tolist() == [0, 0, 1, 1, 1]
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="has no pad token.*set tokenizer.pad_token"):
+        TextCollate(tokenizer)
 
 
 def test_text_csv_with_custom_columns(tmp_path, tokenizer_dir):
@@ -301,6 +386,10 @@ def test_errors(tmp_path, tokenizer_dir):
         ({"val_limit": -1}, "val_limit=-1 must be >= 1"),
         ({"num_workers": -1}, "num_workers=-1 must be >= 0"),
         ({"image_size": 0}, "image_size=0 must be a positive"),
+        ({"mean": (0.5,)}, r"mean=\(0.5,\) must give 3 values \(R, G, B\)"),
+        ({"std": (0.5, 0.5)}, r"std=\(0.5, 0.5\) must give 3 values"),
+        ({"std": (0.5, 0.0, 0.5)}, r"std=\(0.5, 0.0, 0.5\) must be > 0"),
+        ({"timm_model": "minilm"}, "timm_model='minilm' is not a timm model.*or None"),
     ],
 )
 def test_argument_errors(kwargs, match):

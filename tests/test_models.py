@@ -19,7 +19,6 @@ from warmstart.lightning.models import (
     Classifier,
     TextClassifierNet,
     build_model,
-    lr_factor,
     tokenizer_for,
 )
 
@@ -185,32 +184,55 @@ def test_param_groups_skip_decay_on_bias_and_norms_and_scale_head_lr():
     assert body["lr"] == pytest.approx(0.1) and body["weight_decay"] == 0.05
 
 
-def test_lr_factor_shapes():
-    warm = [lr_factor(s, 4, 20, "constant") for s in range(20)]
-    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and set(warm[4:]) == {1.0}
-    cosine = [lr_factor(s, 4, 20, "cosine") for s in range(20)]
-    linear = [lr_factor(s, 4, 20, "linear") for s in range(20)]
-    for curve in (cosine, linear):
-        assert curve[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
-        assert all(a > b for a, b in zip(curve[4:], curve[5:]))
-    assert linear[12] == pytest.approx(0.5) and cosine[12] == pytest.approx(0.5)
-    assert cosine[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
-    assert lr_factor(0, 0, 10, "linear") == 1.0 and lr_factor(50, 0, 10, "linear") == 0.0
-
-
-def test_configure_optimizers_steps_the_schedule_per_step():
+def lr_curve(scheduler: str, warmup_steps: int, total, steps: int) -> list[tuple[float, float]]:
+    """(body lr, head lr) before each of ``steps`` optimizer steps of a Classifier with lr 1 and a
+    head 10x faster, for a Trainer of ``total`` estimated stepping batches."""
     model = Classifier(VIT, 3, pretrained=False, model_kwargs=TINY_VIT, lr=1.0,
-                       warmup_steps=2, scheduler="linear")
-    model.trainer = SimpleNamespace(estimated_stepping_batches=6)
+                       warmup_steps=warmup_steps, scheduler=scheduler, head_lr_multiplier=10.0)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=total)
     config = model.configure_optimizers()
     assert config["lr_scheduler"]["interval"] == "step"
-    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    head = {id(p) for p in model.model.head.parameters()}
+    groups = [next(g for g in optimizer.param_groups if (id(g["params"][0]) in head) == is_head)
+              for is_head in (False, True)]
     seen = []
-    for _ in range(6):
-        seen.append(optimizer.param_groups[0]["lr"])
+    for _ in range(steps):
+        seen.append((groups[0]["lr"], groups[1]["lr"]))
         optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+        schedule.step()
+    return seen
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear"])
+def test_schedule_warms_up_to_the_base_lr_for_every_group(scheduler):
+    seen = lr_curve(scheduler, warmup_steps=4, total=20, steps=21)
+    body = [b for b, _ in seen]
+    assert body[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # transformers: step / warmup
+    assert all(h == pytest.approx(10 * b) for b, h in seen)  # the head's multiplier is kept
+    if scheduler == "constant":
+        assert body[4:] == pytest.approx([1.0] * 17)
+    else:
+        assert all(a > b for a, b in zip(body[4:20], body[5:20]))
+        assert body[12] == pytest.approx(0.5)  # half way through the decay
+        assert body[20] == pytest.approx(0.0, abs=1e-12)  # 0 at estimated_stepping_batches
+    if scheduler == "cosine":
+        assert body[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 16)))
+
+
+def test_linear_schedule_steps_per_optimizer_step():
+    body = [b for b, _ in lr_curve("linear", warmup_steps=2, total=6, steps=6)]
+    assert body == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_no_warmup_starts_at_the_base_lr():
+    assert list(lr_curve("linear", 0, 10, 2)[0]) == pytest.approx([1.0, 10.0])
+    assert [b for b, _ in lr_curve("constant", 0, 10, 3)] == pytest.approx([1.0] * 3)
+
+
+def test_constant_schedule_allows_an_unbounded_trainer():
+    body = [b for b, _ in lr_curve("constant", 2, float("inf"), 5)]
+    assert body == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
 
 
 def test_unbounded_trainer_with_decay_is_an_error():

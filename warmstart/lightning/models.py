@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,8 @@ from warmstart.lightning import assets
 
 Pooling = Literal["mean", "cls"]
 Scheduler = Literal["constant", "cosine", "linear"]
+# our `scheduler` option -> the name of the schedule in `transformers.get_scheduler`
+HF_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 TEXT_BACKBONES = ("minilm", "mpnet")
 LITE_BACKBONES = {"efficientnet_lite0": "lite0", "efficientnet_lite2": "lite2"}
 PACKAGED = (*TEXT_BACKBONES, *LITE_BACKBONES)
@@ -162,28 +163,19 @@ def tokenizer_for(backbone: str) -> Any:
     raise _unknown(backbone, "is neither a packaged name, a timm model nor a folder")
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: float, scheduler: Scheduler) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
-
-    Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then
-    constant, or a cosine / linear decay towards 0 over the remaining ``total_steps - warmup``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if scheduler == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
-    if scheduler == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
-
-
 class Classifier(lightning.LightningModule):
     """Image or text classification over any :func:`build_model` backbone.
 
     Batches are dicts: vision ``{"image": [B, 3, H, W], "label": [B]}``, text ``{"input_ids",
     "attention_mask": [B, L], "label": [B], "text": list[str]}``. Logs ``train_loss`` per step,
     ``val_loss`` / ``val_acc`` and ``test_loss`` / ``test_acc`` per epoch.
+
+    Learning rate: AdamW over :meth:`param_groups`, scaled per optimizer step by
+    ``transformers.get_scheduler``: a linear warmup over ``warmup_steps`` steps, then ``scheduler``
+    ``"constant"`` (transformers' ``"constant_with_warmup"``), ``"cosine"`` or ``"linear"`` decay
+    to 0 at the Trainer's ``estimated_stepping_batches``. transformers' warmup factor is
+    ``step / warmup_steps``, so with a warmup the first step runs at lr 0 and the base lr is
+    reached at step ``warmup_steps`` (one step later than a ``(step + 1) / warmup_steps`` ramp).
 
     Example::
 
@@ -297,8 +289,10 @@ class Classifier(lightning.LightningModule):
                 f"scheduler={hp.scheduler!r} decays over the whole run, but the Trainer's length "
                 "is unbounded; set Trainer(max_steps=...) or max_epochs, or use 'constant'"
             )
-        factor = partial(lr_factor, warmup_steps=hp.warmup_steps, total_steps=total,
-                         scheduler=hp.scheduler)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(HF_SCHEDULES[hp.scheduler], optimizer,
+                                  num_warmup_steps=hp.warmup_steps,
+                                  num_training_steps=int(total) if math.isfinite(total) else None)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
