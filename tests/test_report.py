@@ -3,9 +3,12 @@ files."""
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import matplotlib.image as mpimg
@@ -15,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from warmstart.experiments.plots import band_over_seeds, plot_convergence
-from warmstart.experiments.report import write_report
+from warmstart.experiments.report import console_tables, print_summary, write_report
 from warmstart.experiments.summary import Run, load_runs, read_curve, summarize
 
 STEPS = np.arange(0, 201, 10)
@@ -218,3 +221,98 @@ def test_band_over_seeds_common_grid():
     np.testing.assert_allclose(low, [0.5, 1.0, 1.0, 1.0])
     np.testing.assert_allclose(high, [1.0, 1.0, 1.5, 2.0])
     np.testing.assert_allclose(mean, (low + high) / 2)
+
+
+def linear(y0, y1, *, transport_s=0.0) -> pd.DataFrame:
+    """val_acc from y0 at step 0 to y1 at step 40, one evaluation a step, 0.5 s a step."""
+    steps = np.arange(0, 41)
+    return pd.DataFrame({"step": steps, "seconds": transport_s + 0.5 * steps,
+                         "metric": "val_acc", "value": np.interp(steps, [0, 40], [y0, y1])})
+
+
+def linear_runs() -> list[Run]:
+    """cold 0.1 -> 0.9 (two seeds); theseus from 0.8, 0.7 and a flat 0.6 after a 3 s transport;
+    an arm with a long name that never gets past 0.5."""
+    return [Run("cold", 0, linear(0.1, 0.9)), Run("cold", 1, linear(0.1, 0.9)),
+            Run("theseus", 0, linear(0.8, 1.0, transport_s=3)),
+            Run("theseus", 1, linear(0.7, 1.0, transport_s=3)),
+            Run("theseus", 2, linear(0.6, 0.6, transport_s=3)),
+            Run("lora_theseus", 0, linear(0.3, 0.5, transport_s=1))]
+
+
+def test_console_at_80_columns_cuts_no_number():
+    summary = summarize(linear_runs())
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_summary(summary, "a title long enough to wrap " * 4, console)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert "…" not in text
+    assert max(len(line) for line in lines) <= 80
+    # a table wider than the terminal is cropped at the edge without an ellipsis: every table
+    # line must end with its right border
+    for line in lines:
+        if line[:1] in "┏┃┡│└":
+            assert line.rstrip()[-1] in "┓┃┩│┘", line
+    words = set(re.split(r"[\s│┃]+", text))
+    tables = console_tables(summary)
+    assert len(tables) == 5
+    for table in tables:
+        for row in table.rows:
+            for cell in row[1:]:
+                assert set(cell.split()) <= words, (table.title, cell)
+    assert "10.0 ± 8.5 (2/3)" in " ".join(tables[0].rows[1])  # theseus, 90%
+    assert "Verdict: theseus reached 90% of cold's gain" in text
+
+
+def test_report_opens_with_the_verdict_then_thresholds_then_curves(tmp_path):
+    out = tmp_path / "rep"
+    s = write_report(linear_runs(), out, title="linear", console=Console(file=io.StringIO()))
+    verdict = ("theseus reached 90% of cold's gain (val_acc ≥ 0.82) in 10 steps (2 of 3 seeds) "
+               "(cold: 36), 3.6x fewer steps; counting wall-clock time from fit start, transport "
+               "included (first evaluation at 3.0 s, cold's at 0.0 s), it got there in 8.0 s "
+               "(cold: 18.0 s), 2.2x sooner.")
+    assert s.verdict.text == verdict
+
+    md = (out / "report.md").read_text()
+    order = [f"**Verdict:** {verdict}", "## Time to reach the reference's thresholds",
+             "### Steps to reach cold's thresholds (val_acc ≥ value)",
+             "| arm | 50% (0.5) | 80% (0.74) | 90% (0.82) | 95% (0.86) | final (0.9) |",
+             "| cold | 20.0 ± 0.0 | 32.0 ± 0.0 | 36.0 ± 0.0 | 38.0 ± 0.0 | 40.0 ± 0.0 |",
+             "| theseus | 0.0 ± 0.0 | 3.0 ± 4.2 (2/3) | 10.0 ± 8.5 (2/3) | 17.0 ± 7.1 (2/3) |",
+             "| lora_theseus | 40.0 | never | never | never | never |",
+             "### Seconds to reach them", "| cold | 10.0 ± 0.0 | 16.0 ± 0.0 | 18.0 ± 0.0 |",
+             "## Metric at equal budgets",
+             "| arm | step 10 (25%) | step 20 (50%) | step 40 (100%) | AUC |",
+             "| cold | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 |",
+             "## Curves", "![convergence](convergence.png)",
+             "## Steps to cold's final val_acc (legacy speedups)", "## Settings"]
+    at = [md.find(piece) for piece in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at))
+    assert md.startswith(f"# linear\n\n**Verdict:** {verdict}")
+
+    page = (out / "report.html").read_text()
+    order = [html.escape(verdict), "Time to reach the reference", "<td>10.0 ± 8.5 (2/3)</td>",
+             "Metric at equal budgets", "data:image/png;base64,", "legacy speedups",
+             "<h2>Settings</h2>"]
+    at = [page.find(piece) for piece in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at))
+    assert "src='http" not in page and "<link" not in page and "<script" not in page
+    png = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
+    assert base64.b64decode(png) == (out / "convergence.png").read_bytes()
+
+    data = json.loads((out / "summary.json").read_text())
+    assert data["verdict"]["text"] == verdict and data["verdict"]["arm"] == "theseus"
+    assert [t["name"] for t in data["thresholds"]] == ["50%", "80%", "90%", "95%", "final"]
+    assert data["thresholds"][2]["arms"]["theseus"]["steps"]["values"] == [4.0, 16.0, None]
+    assert [b["step"] for b in data["budgets"]["points"]] == [10, 20, 40]
+
+
+def test_report_on_a_loss_decides_the_direction_from_the_name(tmp_path):
+    runs = [Run(r.arm, r.seed, r.curve.assign(value=1 - r.curve["value"], metric="val_loss"))
+            for r in linear_runs()]
+    s = write_report(runs, tmp_path, title="loss", metric="val_loss", loss_metric=None,
+                     console=Console(file=io.StringIO()))
+    assert s.mode == "min" and s.verdict.arm == "theseus"
+    md = (tmp_path / "report.md").read_text()
+    assert "(val_loss ≤ 0.18)" in md and "(val_loss ≤ value)" in md
+    assert "metric: `val_loss` (lower is better)" in md

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
+from warmstart.experiments.summary import band_over_seeds
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,23 +26,6 @@ def arm_colors(arms: Sequence[str]) -> dict[str, str]:
     """One colour per arm, stable for the shipped arms."""
     spare = iter(c for c in _SPARE * (len(arms) // len(_SPARE) + 1) if c not in ARM_COLORS.values())
     return {arm: ARM_COLORS.get(arm) or next(spare) for arm in arms}
-
-
-def band_over_seeds(
-    curves: Sequence[tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Interpolate seeds' curves ``(x [n_i], y [n_i])`` onto a common grid.
-
-    The grid is the union of the seeds' x values inside the range that every seed covers (no
-    extrapolation). Returns ``(grid, mean, low, high)``, each [n_grid], where low/high are the min
-    and max over seeds. An empty overlap gives empty arrays.
-    """
-    lo = max(float(x[0]) for x, _ in curves)
-    hi = min(float(x[-1]) for x, _ in curves)
-    grid = np.unique(np.concatenate([x for x, _ in curves]))
-    grid = grid[(grid >= lo) & (grid <= hi)]
-    ys = np.stack([np.interp(grid, x, y) for x, y in curves]) if grid.size else np.empty((1, 0))
-    return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
 
 
 def _panel(ax: Axes, runs: Sequence[Run], metric: str | None, x_key: str, colors: dict) -> None:
@@ -72,19 +55,29 @@ def _panel(ax: Axes, runs: Sequence[Run], metric: str | None, x_key: str, colors
         ax.fill_between(grid, low, high, color=color, alpha=0.18, lw=0)
 
 
+def _reference_lines(ax: Axes, target: float | None,
+                     thresholds: Sequence[tuple[str, float]]) -> None:
+    if target is not None:
+        ax.axhline(target, color="black", ls="--", lw=0.8, label=f"target {target:.4g}")
+    for label, value in thresholds:
+        ax.axhline(value, color="black", ls=":", lw=0.8, label=f"{label} {value:.4g}")
+
+
 def plot_convergence(
     runs: Sequence[Run],
     *,
     metric: str = "val_acc",
     loss_metric: str | None = "val_loss",
     target: float | None = None,
+    thresholds: Sequence[tuple[str, float]] = (),
     title: str = "",
 ) -> Figure:
     """2x2 grid: ``metric`` and ``loss_metric`` against steps (left) and seconds (right).
 
     One colour per arm; the line is the mean over seeds and the shaded band spans min..max over
     seeds on a common grid (:func:`band_over_seeds`). ``target`` draws the dashed reference line on
-    the metric panels. A metric absent from every curve leaves its panels empty with a note.
+    the metric panels; each ``(label, value)`` of ``thresholds`` a dotted one. A metric absent
+    from every curve leaves its panels empty with a note.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -98,8 +91,8 @@ def plot_convergence(
             ax = axes[row, col]
             _panel(ax, runs, name, x_key, colors)
             ax.set_title(f"{name or 'loss'} vs {'steps' if x_key == 'step' else 'seconds'}")
-            if row == 0 and target is not None:
-                ax.axhline(target, color="black", ls="--", lw=0.8, label=f"target {target:.4g}")
+            if row == 0:
+                _reference_lines(ax, target, thresholds)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6))

@@ -1,13 +1,16 @@
 """Convergence report of warm-started and cold-start fine-tuning runs.
 
-Runs, curves and their measures live in :mod:`warmstart.experiments.summary`; :func:`write_report` summarizes
-runs there and writes the result as Markdown, self-contained HTML, PNG/SVG plots, CSV and JSON.
+Runs, curves and their measures live in :mod:`warmstart.experiments.summary`; :func:`write_report`
+summarizes runs there and writes the result as Markdown, self-contained HTML, PNG/SVG plots, CSV
+and JSON. The report opens with the verdict, then the steps and seconds each arm takes to reach
+thresholds set on the reference arm's curve, the metric at equal budgets, the curves, the legacy
+"steps to the reference's final value" table and the settings.
 
 Example::
 
     runs = load_runs({("cold", 0): "cold0.csv", ("theseus", 0): "theseus0.csv"})
     summary = write_report(runs, "out/report", title="MiniLM -> MPNet, rotten tomatoes")
-    print(summary.arm("theseus").speedup_steps.mean)
+    print(summary.verdict.text)
 """
 
 from __future__ import annotations
@@ -19,12 +22,31 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from warmstart.experiments.summary import CURVE_COLUMNS, Run, Stat, Summary, summarize
+from warmstart.experiments.summary import (
+    CURVE_COLUMNS,
+    DEFAULT_BUDGETS,
+    DEFAULT_FRACTIONS,
+    Mode,
+    Run,
+    Stat,
+    Summary,
+    summarize,
+)
+
+
+@dataclass(frozen=True)
+class TableData:
+    """One table as strings, shared by the Markdown, HTML and console renderers."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
 
 
 def _fmt(stat: Stat, spec: str, suffix: str = "") -> str:
@@ -37,9 +59,17 @@ def _fmt(stat: Stat, spec: str, suffix: str = "") -> str:
     return text if stat.n == total else f"{text} ({stat.n}/{total} reached)"
 
 
+def _cell(stat: Stat, spec: str) -> str:
+    """Compact cell: "mean ± std", "(k/n)" when only k of n seeds have a value, "never" if none."""
+    if stat.mean is None:
+        return "never"
+    text = f"{stat.mean:{spec}}" + (f" ± {stat.std:{spec}}" if stat.std is not None else "")
+    return text if stat.n == len(stat.values) else f"{text} ({stat.n}/{len(stat.values)})"
+
+
 def summary_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per arm, all strings) shared by the Markdown, HTML and console
-    tables."""
+    """Header and rows (one per arm, all strings) of the legacy table: steps and seconds to the
+    reference arm's final value and the speedups computed from them."""
     m = summary.metric
     header = ["arm", "seeds", f"{m} at step 0", f"final {m}", f"mean {m} (AUC)", "steps to target",
               "seconds to target", "speedup (steps)", "speedup (wall-clock)"]
@@ -50,6 +80,52 @@ def summary_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
         for a in summary.arms
     ]
     return header, rows
+
+
+def reach_tables(summary: Summary) -> tuple[TableData, TableData]:
+    """Steps, then seconds, to reach each threshold: one row per arm, one column per threshold."""
+    rule = "≥" if summary.higher_is_better else "≤"
+    header = ("arm", *(f"{t.name} ({t.value:.4g})" for t in summary.thresholds))
+
+    def rows(kind: str) -> tuple[tuple[str, ...], ...]:
+        return tuple((a.arm, *(_cell(getattr(a.reached(t.name), kind), ".1f")
+                               for t in summary.thresholds)) for a in summary.arms)
+
+    ref, m = summary.reference_arm, summary.metric
+    return (TableData(f"Steps to reach {ref}'s thresholds ({m} {rule} value)", header,
+                      rows("steps")),
+            TableData("Seconds to reach them (wall-clock from fit start, transport included)",
+                      header, rows("seconds")))
+
+
+def budget_table(summary: Summary) -> TableData:
+    """The metric at each budget and its AUC: one row per arm."""
+    header = ("arm", *(f"step {b.step} ({b.name})" for b in summary.budgets), "AUC")
+    rows = tuple((a.arm, *(_cell(a.budget(b.name).value, ".3f") for b in summary.budgets),
+                  _cell(a.auc, ".3f")) for a in summary.arms)
+    return TableData(f"{summary.metric} at equal budgets", header, rows)
+
+
+def _legacy_table(summary: Summary) -> TableData:
+    header, rows = summary_table(summary)
+    title = f"Steps to {summary.reference_arm}'s final {summary.metric} (legacy speedups)"
+    return TableData(title, tuple(header), tuple(tuple(r) for r in rows))
+
+
+def _reach_note(summary: Summary) -> str:
+    ref, m = summary.reference, summary.metric
+    return (f"Thresholds are set on the mean `{m}` curve of `{ref.arm}` over its {ref.n_seeds} "
+            f"seed(s), which goes from {ref.start:.4g} (step {ref.start_step:g}) to its best, "
+            f"{ref.best:.4g} (step {ref.best_step:g}): \"p%\" is p% of the way from the one to "
+            f"the other, \"final\" its mean final value {ref.final:.4g}. An arm reaches one at "
+            "its first evaluation at or past it. Cells: mean ± std over the seeds that reached "
+            "it, (k/n) when only k of n did, \"never\" when none did.")
+
+
+def _budget_note(summary: Summary) -> str:
+    total = summary.budgets[-1].step if summary.budgets else 0
+    return (f"Value at the last evaluation at or before each step, out of {total} steps (the "
+            "shortest run); AUC = mean metric over the step span; ± = std over seeds.")
 
 
 def _settings(summary: Summary, config: dict | None) -> list[str]:
@@ -70,45 +146,92 @@ def _settings(summary: Summary, config: dict | None) -> list[str]:
     return lines
 
 
+def _md_table(table: TableData, level: str = "###") -> list[str]:
+    return [f"{level} {table.title}", "", "| " + " | ".join(table.header) + " |",
+            "|" + "---|" * len(table.header), *("| " + " | ".join(r) + " |" for r in table.rows),
+            ""]
+
+
 def _markdown(title: str, summary: Summary, config: dict | None) -> str:
-    header, rows = summary_table(summary)
-    lines = [f"# {title}", "", "## Settings", ""] + [f"- {s}" for s in _settings(summary, config)]
-    lines += ["", "## Summary", "", "| " + " | ".join(header) + " |",
-              "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines + ["", "## Curves", "", "![convergence](convergence.png)", ""])
+    steps, seconds = reach_tables(summary)
+    lines = [f"# {title}", "", f"**Verdict:** {summary.verdict.text}", "",
+             "## Time to reach the reference's thresholds", "", _reach_note(summary), ""]
+    lines += _md_table(steps) + _md_table(seconds)
+    lines += ["## Metric at equal budgets", "", _budget_note(summary), ""]
+    lines += _md_table(budget_table(summary))
+    lines += ["## Curves", "", "![convergence](convergence.png)", ""]
+    lines += _md_table(_legacy_table(summary), "##")
+    lines += ["## Settings", ""] + [f"- {s}" for s in _settings(summary, config)]
+    return "\n".join(lines) + "\n"
+
+
+def _html_text(text: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _html_table(table: TableData, tag: str = "h3") -> str:
+    def cells(kind: str, row: Sequence[str]) -> str:
+        return "<tr>" + "".join(f"<{kind}>{html.escape(c)}</{kind}>" for c in row) + "</tr>"
+
+    body = "".join(cells("td", r) for r in table.rows)
+    return (f"<{tag}>{html.escape(table.title)}</{tag}><table>{cells('th', table.header)}{body}"
+            "</table>")
 
 
 def _html(title: str, summary: Summary, config: dict | None, png: bytes) -> str:
-    def cells(tag: str, row: list[str]) -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
-
-    header, rows = summary_table(summary)
-    settings = (re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(s))
-                for s in _settings(summary, config))
-    items = "".join(f"<li>{s}</li>" for s in settings)
+    steps, seconds = reach_tables(summary)
+    items = "".join(f"<li>{_html_text(s)}</li>" for s in _settings(summary, config))
     data = base64.b64encode(png).decode("ascii")
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}img{max-width:100%}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1><h2>Settings</h2><ul>{items}</ul>"
-        f"<h2>Summary</h2><table>{cells('th', header)}{''.join(cells('td', r) for r in rows)}"
-        f"</table><h2>Curves</h2><img alt='convergence' src='data:image/png;base64,{data}'>"
+        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}img{max-width:100%}"
+        ".verdict{font-size:1.15em;background:#f3f6fa;padding:.6em 1em}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1>"
+        f"<p class='verdict'><b>Verdict:</b> {html.escape(summary.verdict.text)}</p>"
+        f"<h2>Time to reach the reference's thresholds</h2><p>{_html_text(_reach_note(summary))}"
+        f"</p>{_html_table(steps)}{_html_table(seconds)}"
+        f"<h2>Metric at equal budgets</h2><p>{_html_text(_budget_note(summary))}</p>"
+        f"{_html_table(budget_table(summary), 'h3')}"
+        f"<h2>Curves</h2><img alt='convergence' src='data:image/png;base64,{data}'>"
+        f"{_html_table(_legacy_table(summary), 'h2')}<h2>Settings</h2><ul>{items}</ul>"
         "</body></html>\n"
     )
 
 
+def console_tables(summary: Summary) -> list[TableData]:
+    """The tables :func:`print_summary` prints, each narrow enough for an 80-column terminal: the
+    legacy table is split in two."""
+    legacy = _legacy_table(summary)
+    left, right = (0, 1, 2, 3, 4), (0, 5, 6, 7, 8)
+
+    def part(cols: tuple[int, ...], title: str) -> TableData:
+        return TableData(title, tuple(legacy.header[i] for i in cols),
+                         tuple(tuple(r[i] for i in cols) for r in legacy.rows))
+
+    return [*reach_tables(summary), budget_table(summary),
+            part(left, f"{summary.metric} at step 0, final and AUC"), part(right, legacy.title)]
+
+
 def print_summary(summary: Summary, title: str = "", console: Any = None) -> None:
-    """Print the summary table with rich (to ``console`` when given, else a new ``Console``)."""
+    """Print the verdict and :func:`console_tables` with rich (to ``console`` when given, else a
+    new ``Console``). Cells wrap, and fold rather than truncate, so no number is cut."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    header, rows = summary_table(summary)
-    table = Table(*header, title=title or None)
-    table.columns[0].no_wrap = True
-    for row in rows:
-        table.add_row(*row)
-    (console or Console()).print(table)
+    console = console or Console()
+    if title:
+        console.print(Text(title, style="bold"))
+    if summary.verdict is not None:
+        console.print(Text(f"Verdict: {summary.verdict.text}"))
+    for data in console_tables(summary):
+        table = Table(title=data.title)
+        for name in data.header:
+            table.add_column(name, overflow="fold")
+        for row in data.rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def write_report(
@@ -118,44 +241,61 @@ def write_report(
     title: str,
     metric: str = "val_acc",
     loss_metric: str | None = "val_loss",
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
     reference_arm: str = "cold",
     config: dict | None = None,
     overwrite: bool = False,
     console: Any = None,
+    mode: Mode = "auto",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    verdict_fraction: float = 0.9,
 ) -> Summary:
-    """Summarize ``runs`` (:func:`summarize`) and write into ``out_dir``: ``report.md``,
-    ``report.html`` (self-contained, plot embedded), ``convergence.png`` / ``.svg``
-    (:func:`warmstart.experiments.plots.plot_convergence`), ``curves.csv`` (all runs, with ``arm`` and ``seed``
-    columns) and ``summary.json``; print the table to ``console``. ``summary.json`` is written last,
-    so a directory holding it holds a complete report, and it is not overwritten unless
-    ``overwrite=True`` (``FileExistsError``).
+    """Summarize ``runs`` (:func:`summarize`, which documents ``higher_is_better``, ``mode``,
+    ``fractions``, ``budgets`` and ``verdict_fraction``) and write into ``out_dir``:
+    ``report.md``, ``report.html`` (self-contained, plot embedded), ``convergence.png`` / ``.svg``
+    (:func:`warmstart.experiments.plots.plot_convergence`), ``curves.csv`` (all runs, with ``arm``
+    and ``seed`` columns) and ``summary.json`` (``Summary.to_dict()``: ``verdict``,
+    ``thresholds``, ``budgets``, ``reference`` and the per-arm measures); print the verdict and
+    tables to ``console``. ``summary.json`` is written last, so a directory holding it holds a
+    complete report, and it is not overwritten unless ``overwrite=True`` (``FileExistsError``).
     """
-    from warmstart.experiments.plots import plot_convergence
-
     out = Path(out_dir)
     if (out / "summary.json").exists() and not overwrite:
         raise FileExistsError(
             f"{out} already holds a report (summary.json); pass overwrite=True to replace it or "
             "choose another out_dir."
         )
-    extra = {"title": title, "config": config or {}}
     summary = summarize(runs, metric=metric, higher_is_better=higher_is_better,
-                        reference_arm=reference_arm, extra=extra)
+                        reference_arm=reference_arm, extra={"title": title, "config": config or {}},
+                        mode=mode, fractions=fractions, budgets=budgets,
+                        verdict_fraction=verdict_fraction)
     out.mkdir(parents=True, exist_ok=True)
     frames = [r.curve.assign(arm=r.arm, seed=r.seed) for r in runs]
     curves = pd.concat(frames, ignore_index=True)[["arm", "seed", *CURVE_COLUMNS]]
     curves.to_csv(out / "curves.csv", index=False)
-    fig = plot_convergence(runs, metric=metric, loss_metric=loss_metric, target=summary.target,
-                           title=title)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    (out / "convergence.png").write_bytes(png.getvalue())
-    fig.savefig(out / "convergence.svg", format="svg")
+    png = _write_plots(runs, summary, out, metric, loss_metric, title)
     (out / "report.md").write_text(_markdown(title, summary, config), encoding="utf-8")
-    (out / "report.html").write_text(_html(title, summary, config, png.getvalue()),
-                                     encoding="utf-8")
+    (out / "report.html").write_text(_html(title, summary, config, png), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n",
                                       encoding="utf-8")
     print_summary(summary, title, console)
     return summary
+
+
+def _write_plots(runs: Sequence[Run], summary: Summary, out: Path, metric: str,
+                 loss_metric: str | None, title: str) -> bytes:
+    """Write ``convergence.png`` / ``.svg`` with the target and the verdict's threshold lines;
+    return the PNG bytes for the HTML."""
+    from warmstart.experiments.plots import plot_convergence
+
+    key = summary.verdict.threshold
+    line = [(f"{key} of {summary.reference_arm}'s gain",
+             next(t.value for t in summary.thresholds if t.name == key))]
+    fig = plot_convergence(runs, metric=metric, loss_metric=loss_metric, target=summary.target,
+                           thresholds=line, title=title)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    (out / "convergence.png").write_bytes(png.getvalue())
+    fig.savefig(out / "convergence.svg", format="svg")
+    return png.getvalue()
