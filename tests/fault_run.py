@@ -33,18 +33,17 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KillableModule(MLPModule):
-    """Dies on its second calibration batch when ``kill == "transport"``."""
+class KillingInputs:
+    """The transport's ``inputs`` rule; dies on the second calibration batch when asked to."""
 
-    def __init__(self, model, kill: str):
-        super().__init__(model)
-        self.kill, self.calibration_calls = kill, 0
+    def __init__(self, kill: str):
+        self.kill, self.calls = kill, 0
 
-    def model_inputs(self, batch):  # only the transport calls this
-        self.calibration_calls += 1
-        if self.kill == "transport" and self.calibration_calls == 2:
+    def __call__(self, batch):
+        self.calls += 1
+        if self.kill == "transport" and self.calls == 2:
             _die()
-        return super().model_inputs(batch)
+        return batch["x"]
 
 
 class Probe(L.Callback):
@@ -72,8 +71,9 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     base = TinyMLP()
     base.load_state_dict(load_file(args.base))
-    warm = TaskVectorTransport(base, args.finetuned, calibration_batches=3, progress=False)
-    module = KillableModule(_target(base), args.kill)
+    warm = TaskVectorTransport(base, args.finetuned, calibration_batches=3, progress=False,
+                               inputs=KillingInputs(args.kill))
+    module = MLPModule(_target(base))
     last = args.root / "ckpt" / "last.ckpt"
     trainer = L.Trainer(
         max_steps=12, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -544,10 +544,12 @@ def test_callback_with_a_corrupt_checkpoint(mlp, tmp_path):
 
 
 @pytest.mark.parametrize("attribute,match", [
-    ("network", r"MLPModule has no module attribute 'network' to transport into; set "
-                r"target_attribute"),
-    ("lr", r"MLPModule has no module attribute 'lr' \(it is a float\) to transport into"),
-], ids=["missing", "not-a-module"])
+    ("network", r"MLPModule has no module at target_attribute='network': 'network' is missing; "
+                r"its child modules are: model\. Set target_attribute"),
+    ("lr", r"MLPModule has no module at target_attribute='lr': 'lr' is missing \(it is a "
+           r"float\)"),
+    ("model.body", r"no module at target_attribute='model.body': 'model.body' is missing"),
+], ids=["missing", "not-a-module", "dotted"])
 def test_callback_target_attribute(mlp, saved_finetuned, tmp_path, attribute, match):
     warm = TaskVectorTransport(mlp[0], saved_finetuned, target_attribute=attribute,
                                progress=False)
@@ -559,11 +561,9 @@ def test_callback_target_attribute(mlp, saved_finetuned, tmp_path, attribute, ma
     ({"alpha": "auto", "alpha_grid": [1.0, float("inf")]}, ValueError,
      r"alpha_grid must be a non-empty list of finite numbers"),
     ({"whiten": 1.0}, ValueError, r"whiten must be a power in \[0, 0.5\], got 1.0"),
-    ({"depth_mapping": {1: 0}}, TypeError, r"depth_mapping must be a list .*callback takes no "
-                                           r"dict\), got \{1: 0\}"),
     ({"depth_mapping": [0, "1"]}, TypeError, r"depth_mapping entries must be integer block "
                                              r"indices .*1 -> '1'"),
-], ids=["alpha", "alpha-grid", "whiten", "depth-dict", "depth-entry"])
+], ids=["alpha", "alpha-grid", "whiten", "depth-entry"])
 def test_callback_checks_options_when_built(mlp, saved_finetuned, kwargs, error, match):
     with leaves_unchanged(mlp[0]), pytest.raises(error, match=match):
         TaskVectorTransport(mlp[0], saved_finetuned, **kwargs)

@@ -22,20 +22,23 @@ from .test_transport import TinyMLP, _signed_partial_permutation, _widen
 
 
 class MLPModule(L.LightningModule):
-    """A LightningModule in warmstart's convention: ``model``, ``model_inputs``, logits."""
+    """A plain user LightningModule: the network at ``model``, dict batches ``{"x", "label"}``,
+    ``val_loss`` / ``val_acc`` logged in ``validation_step``."""
 
     def __init__(self, model: torch.nn.Module, lr: float = 0.05):
         super().__init__()
         self.model, self.lr = model, lr
 
-    def model_inputs(self, batch):
-        return batch["x"]
-
-    def forward(self, batch):
-        return self.model(batch["x"])
+    def forward(self, x):
+        return self.model(x)
 
     def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch), batch["label"])
+        return F.cross_entropy(self(batch["x"]), batch["label"])
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch["x"])
+        self.log("val_loss", F.cross_entropy(logits, batch["label"]))
+        self.log("val_acc", (logits.argmax(-1) == batch["label"]).float().mean())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -82,7 +85,8 @@ def _trainer(tmp_path, callbacks, max_steps=20, **kw):
     return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
                      enable_checkpointing=kw.pop("enable_checkpointing", False),
                      enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks, **kw)
+                     num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=callbacks,
+                     **kw)
 
 
 def test_warm_start_beats_cold_start_and_the_report_is_written(tmp_path, source_pair):
@@ -167,7 +171,7 @@ def test_callback_errors(tmp_path, source_pair):
     base, finetuned = source_pair
     with pytest.raises(FileNotFoundError, match="source_finetuned checkpoint 'missing.ckpt'"):
         TaskVectorTransport(base, "missing.ckpt")
-    with pytest.raises(ValueError, match="calibration_batches must be >= 1"):
+    with pytest.raises(ValueError, match="calibration_batches must be None .* >= 1, got 0"):
         TaskVectorTransport(base, finetuned, calibration_batches=0)
     with pytest.raises(ValueError, match="alpha must be a finite number or 'auto'"):
         TaskVectorTransport(base, finetuned, alpha="big")
@@ -177,7 +181,7 @@ def test_callback_errors(tmp_path, source_pair):
     warm = TaskVectorTransport(base, finetuned, target_attribute="network", progress=False)
     module = MLPModule(_target(base))
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    with pytest.raises(AttributeError, match="has no module attribute 'network'"):
+    with pytest.raises(AttributeError, match="has no module at target_attribute='network'"):
         _trainer(tmp_path, [warm], max_steps=1).fit(module, train, val)
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from warmstart.__main__ import main
 from warmstart.experiments.compare import CompareConfig
-from warmstart.lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_CONFIGS = sorted(
@@ -44,6 +44,7 @@ def test_callback_fragments_compose_with_any_fit_config(fragment, capsys):
         main(args)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["transport"]["init_args"]["source_pretrained"] == "efficientnet_lite0"
+    assert printed["transport"]["init_args"]["options"]["method"] == "theseus"
     assert printed["convergence"]["init_args"]["every_n_steps"] == 10
 
 
@@ -75,8 +76,8 @@ def test_user_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
     assert err.startswith("warmstart: error: compare config") and "Traceback" not in err
     out = tmp_path / "t.safetensors"
     out.write_text("")
-    assert main(["transport", "--source_pretrained", "minilm", "--source_finetuned", "x",
-                 "--target", "mpnet", "--num_classes", "2", "--out", str(out)]) == 2
+    assert main(["transport", "-c", str(ROOT / "configs" / "demo_target.yaml"),
+                 "--out", str(out)]) == 2
     assert "exists already; pass --overwrite" in capsys.readouterr().err
 
 

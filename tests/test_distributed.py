@@ -1,10 +1,15 @@
 """Statistics are all-reduced across ranks: two CPU processes (gloo) end with identical weights,
-equal to one process that saw all the calibration batches."""
+equal to one process that saw all the calibration batches; directly through the engine, and
+through a real ``Trainer(strategy="ddp_spawn")`` fit with the callback."""
 
 from __future__ import annotations
 
 import copy
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -12,7 +17,10 @@ import torch.multiprocessing as mp
 
 from warmstart.engine.transport import transport
 
+from .test_dropin import TupleModule, _mlp
 from .test_transport import TinyMLP, _calibration, _perturbed
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _models():
@@ -54,3 +62,28 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
         # Same sums, added in another order: equal to float32 rounding.
         torch.testing.assert_close(rank0[name], value, atol=1e-6, rtol=1e-5)
     assert not torch.equal(rank0["fc1.weight"], untouched["fc1.weight"])
+
+
+def _fit(out: Path, devices: int) -> None:
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "tests.ddp_run", "--out", str(out),
+                           "--devices", str(devices)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # a deadlock fails here instead of hanging
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_ddp_spawn_through_the_trainer(tmp_path):
+    """``TaskVectorTransport`` under ``Trainer(strategy="ddp_spawn", devices=2)``: no hang, ranks
+    bit-identical, equal to one process on the same calibration examples."""
+    _fit(tmp_path / "ddp", devices=2)
+    _fit(tmp_path / "single", devices=1)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    torch.manual_seed(1)
+    untouched = TupleModule(_mlp(24)).state_dict()
+    for name, value in single.items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], value, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(rank0["net.0.weight"], untouched["net.0.weight"])

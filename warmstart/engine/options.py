@@ -134,7 +134,8 @@ def check_alpha_grid(grid: Any) -> list[float]:
     try:
         values = [float(a) for a in grid]
     except (TypeError, ValueError) as err:
-        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {grid!r}."
+        shown = list(grid) if isinstance(grid, tuple) else grid
+        raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {shown!r}."
                          ) from err
     if not values or not all(math.isfinite(a) for a in values):
         raise ValueError(f"alpha_grid must be a non-empty list of finite numbers, got {values!r}.")

@@ -1,0 +1,58 @@
+"""One fit of a plain user module with ``TaskVectorTransport`` under ``ddp_spawn`` (2 CPU
+processes) or in one process; every rank saves its weights as training starts. Run by
+tests/test_distributed.py in a subprocess with a timeout, so that a deadlock fails the test
+instead of hanging it.
+
+    python -m tests.ddp_run --out DIR --devices 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from warmstart import TaskVectorTransport
+
+from .test_dropin import TupleModule, _mlp
+
+
+class SaveAtStart(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    source, finetuned = _mlp(16), _mlp(16)
+    with torch.no_grad():
+        for p in finetuned.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(128, 12)
+    data = DataLoader(TensorDataset(x, (x[:, :3] * 3).argmax(-1)), batch_size=16)
+    torch.manual_seed(1)
+    module = TupleModule(_mlp(24))
+    # every rank calibrates on 64 / devices... of the 128 examples: all of them together
+    warm = TaskVectorTransport(source, finetuned.state_dict(), progress=False,
+                               calibration_batches=8 // args.devices)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=args.devices,
+        strategy="ddp_spawn" if args.devices > 1 else "auto", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=args.out,
+        callbacks=[warm, SaveAtStart(args.out)])
+    trainer.fit(module, data)
+
+
+if __name__ == "__main__":
+    main()
