@@ -10,6 +10,7 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -316,3 +317,33 @@ def test_report_on_a_loss_decides_the_direction_from_the_name(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "(val_loss ≤ 0.18)" in md and "(val_loss ≤ value)" in md
     assert "metric: `val_loss` (lower is better)" in md
+
+
+def test_compare_config_chooses_the_metric_and_its_direction(tmp_path, monkeypatch):
+    from warmstart.experiments import compare
+
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"fit_config: [a.yaml]\nout_dir: {tmp_path / 'out'}\ntransport: {{}}\n"
+                    "arms: [cold, theseus]\nseeds: [0, 1]\nmetric: val_loss\n")
+    config = compare.CompareConfig.from_yaml(path)
+    assert (config.metric, config.mode) == ("val_loss", "auto")
+    curves = {(r.arm, r.seed): r.curve for r in make_runs()}
+
+    def fake_arm(config, arm, seed, source):
+        csv = tmp_path / f"{arm}{seed}.csv"
+        curves[(arm, seed)].to_csv(csv, index=False)
+        return csv
+
+    monkeypatch.setattr(compare, "ensure_source", lambda config, console: "source.ckpt")
+    monkeypatch.setattr(compare, "run_arm", fake_arm)
+    console = Console(file=io.StringIO())
+    s = compare.run_compare(config, console=console)
+    # loss = 1 - acc: cold ends at 0.2, theseus gets there at steps 20 and 30
+    assert s.metric == "val_loss" and s.mode == "min"
+    assert s.arm("theseus").steps_to_target.values == (20.0, 30.0)
+    s = compare.run_compare(replace(config, mode="max"), console=console, overwrite=True)
+    assert s.mode == "max"
+
+    path.write_text("fit_config: [a.yaml]\nout_dir: x\ntransport: {}\nmode: up\n")
+    with pytest.raises(ValueError, match="mode: 'up' is not one of auto, max, min"):
+        compare.CompareConfig.from_yaml(path)

@@ -289,3 +289,14 @@ def test_summary_json_holds_verdict_and_tables():
     # the legacy keys stay for the bench scripts
     assert d["arms"]["theseus"]["speedup_steps"]["mean"] == pytest.approx(2.0)
     assert d["target"] == pytest.approx(0.9) and d["arms"]["cold"]["n_reached"] == 2
+
+
+def test_summary_module_still_exports_the_split_out_names():
+    from warmstart.experiments import curves, measures, summary, verdict
+
+    for module in (curves, measures, verdict):
+        for name in summary.__all__:
+            if hasattr(module, name):
+                assert getattr(summary, name) is getattr(module, name), name
+    assert {"Run", "Stat", "load_runs", "read_curve", "band_over_seeds", "decide_verdict",
+            "metric_mode", "resolve_higher_is_better", "summarize"} <= set(summary.__all__)

@@ -11,6 +11,9 @@ A compare config (YAML)::
     transport: {source_pretrained: efficientnet_lite0, calibration_batches: 8, alpha: 1.0}
     tracker: {every_n_steps: 10}             # validation: the fit config's limit_val_batches
     out_dir: runs/demo/compare
+    metric: val_acc                          # the curve metric the report compares (default)
+    mode: auto                               # auto | max | min: is higher better? auto decides
+                                             # from the name (loss, error, ppl... are "min")
 
 Every arm uses the same fit config and seed; only the transport differs.
 """
@@ -21,7 +24,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from rich.console import Console
@@ -43,6 +46,8 @@ class CompareConfig:
     tracker: dict[str, Any] = field(default_factory=dict)
     title: str = "warm start vs cold start"
     overrides: tuple[str, ...] = ()
+    metric: str = "val_acc"
+    mode: Literal["auto", "max", "min"] = "auto"
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
@@ -64,10 +69,15 @@ class CompareConfig:
             seeds=tuple(int(s) for s in as_tuple(raw.get("seeds", [0]))),
             source=dict(raw.get("source") or {}), tracker=dict(raw.get("tracker") or {}),
             title=str(raw.get("title", cls.title)), overrides=tuple(overrides or ()),
+            metric=str(raw.get("metric", cls.metric)), mode=raw.get("mode", cls.mode),
         )
         bad = [a for a in config.arms if a not in ARMS]
         if bad:
             raise ValueError(f"{path}: unknown arms {bad}; allowed: {list(ARMS)}.")
+        if config.mode not in ("auto", "max", "min"):
+            raise ValueError(f"{path}: mode: {config.mode!r} is not one of auto, max, min; use "
+                             "max for accuracy-like metrics, min for losses, auto to decide from "
+                             "the metric name.")
         return config
 
 
@@ -138,7 +148,8 @@ def run_compare(config: CompareConfig, console: Console | None = None, overwrite
                 "seeds": list(config.seeds), "arms": list(config.arms)}
     reference = "cold" if "cold" in config.arms else config.arms[0]
     return write_report(load_runs(curves), out, title=config.title, config=settings,
-                        overwrite=True, console=console, reference_arm=reference)
+                        overwrite=True, console=console, reference_arm=reference,
+                        metric=config.metric, mode=config.mode)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

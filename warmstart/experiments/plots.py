@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from warmstart.experiments.summary import band_over_seeds
+from warmstart.experiments.curves import band_over_seeds
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from warmstart.experiments.summary import Run
+    from warmstart.experiments.curves import Run
 
 # Fixed colours for the arms the toolkit ships; any other arm takes the next free tab10 colour.
 ARM_COLORS = {"cold": "#4d4d4d", "theseus": "#1f77b4", "slice": "#ff7f0e", "head_only": "#2ca02c"}

@@ -1,10 +1,12 @@
 """Convergence report of warm-started and cold-start fine-tuning runs.
 
-Runs, curves and their measures live in :mod:`warmstart.experiments.summary`; :func:`write_report`
-summarizes runs there and writes the result as Markdown, self-contained HTML, PNG/SVG plots, CSV
-and JSON. The report opens with the verdict, then the steps and seconds each arm takes to reach
-thresholds set on the reference arm's curve, the metric at equal budgets, the curves, the legacy
-"steps to the reference's final value" table and the settings.
+Runs and curves live in :mod:`warmstart.experiments.curves`, their measures in
+:mod:`warmstart.experiments.summary` (with :mod:`~warmstart.experiments.measures` and
+:mod:`~warmstart.experiments.verdict`); :func:`write_report` summarizes runs there and writes
+the result as Markdown, self-contained HTML, PNG/SVG plots, CSV and JSON. The report opens with
+the verdict, then the steps and seconds each arm takes to reach thresholds set on the reference
+arm's curve, the metric at equal budgets, the curves, the legacy "steps to the reference's final
+value" table and the settings.
 
 Example::
 
@@ -28,16 +30,9 @@ from typing import Any
 
 import pandas as pd
 
-from warmstart.experiments.summary import (
-    CURVE_COLUMNS,
-    DEFAULT_BUDGETS,
-    DEFAULT_FRACTIONS,
-    Mode,
-    Run,
-    Stat,
-    Summary,
-    summarize,
-)
+from warmstart.experiments.curves import CURVE_COLUMNS, Run
+from warmstart.experiments.measures import DEFAULT_BUDGETS, DEFAULT_FRACTIONS, Mode, Stat
+from warmstart.experiments.summary import Summary, summarize
 
 
 @dataclass(frozen=True)
