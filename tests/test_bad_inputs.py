@@ -136,10 +136,20 @@ def test_pretrained_finetuned_key_mismatch(mlp, edit, match):
     _fails(mlp, ValueError, rf"different floating-point keys \({match}\); load matching", state)
 
 
-def test_key_mismatch_names_the_wrapper_prefix(mlp, tmp_path):
-    torch.save({f"model.{k}": v for k, v in mlp[1].state_dict().items()}, tmp_path / "ft.pt")
-    _fails(mlp, ValueError, r"finetuned keys all start with 'model\.': pass prefix='model\.'",
-           str(tmp_path / "ft.pt"))
+def test_wrapper_prefix_is_stripped_and_unfitting_keys_are_refused(mlp, tmp_path):
+    source, tuned, wide = mlp
+    wrapped = {f"model.model.{k}": v for k, v in tuned.state_dict().items()}
+    wrapped["optimizer_step"] = torch.tensor(3.0)  # other entries of a user's checkpoint
+    torch.save(wrapped, tmp_path / "ft.pt")
+    plain, prefixed = copy.deepcopy(wide), copy.deepcopy(wide)
+    transport(source, tuned, plain, _calibration(2), progress=False)
+    transport(source, str(tmp_path / "ft.pt"), prefixed, _calibration(2), progress=False)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(prefixed.state_dict()[name], value), name
+    torch.save({"encoder.w": torch.zeros(2)}, tmp_path / "other.pt")
+    _fails(mlp, ValueError, r"no key of source_finetuned fits the source model, with or without a "
+                            r"wrapper prefix \(checkpoint keys: 'encoder.w' \(1 in all\); source "
+                            r"model keys: 'fc1.bias'", str(tmp_path / "other.pt"))
 
 
 def test_pretrained_finetuned_shape_mismatch(mlp):

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from warmstart import transport, TaskVectorTransport, ConvergenceTracker
+    from warmstart import transport, TransportOptions, TaskVectorTransport, ConvergenceTracker
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TransportReport": "warmstart.engine.transport_report",
+    "TransportOptions": "warmstart.engine.options",
     "procrustes_map": "warmstart.engine.procrustes",
     "CrossStatistics": "warmstart.engine.procrustes",
     "task_vector": "warmstart.engine.task_vector",
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .engine.options import TransportOptions  # noqa: F401
     from .engine.procrustes import CrossStatistics, procrustes_map  # noqa: F401
     from .engine.task_vector import load_state_dict, task_vector  # noqa: F401
     from .engine.transport_report import TransportReport  # noqa: F401

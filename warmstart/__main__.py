@@ -12,7 +12,8 @@ usage: warmstart {fit,validate,test,predict,transport,compare,demo} ...
   warmstart compare -c configs/compare_demo.yaml   arms x seeds and the convergence report
 
 `warmstart fit --help` lists every option (the transport's under --transport.*);
-`warmstart transport --help`, `warmstart compare --help`, `warmstart demo --help` their own.
+`warmstart transport --help`, `warmstart compare --help`, `warmstart demo --help` their own;
+`demo`, `compare` and `transport` take --verbose to show third-party chatter they hide.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, AttributeError,
                KeyError)
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+_VERBOSE = ("show what third-party libraries print (Lightning's tips and banners, known "
+            "deprecation warnings, progress bars of the datasets library)")
 
 
 def _compare_command(argv: list[str]) -> None:
@@ -32,6 +35,7 @@ def _compare_command(argv: list[str]) -> None:
     parser.add_argument("-c", "--config", required=True, help="compare config (YAML)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing report in out_dir")
+    parser.add_argument("--verbose", action="store_true", help=_VERBOSE)
     parser.add_argument("overrides", nargs="*",
                         help="extra LightningCLI arguments for every run, e.g. "
                              "--trainer.max_steps=50")
@@ -39,7 +43,8 @@ def _compare_command(argv: list[str]) -> None:
     from .experiments.compare import CompareConfig, run_compare
 
     config = CompareConfig.from_yaml(args.config, [*args.overrides, *extra])
-    run_compare(config, overwrite=args.overwrite)
+    with _quiet(args.verbose):
+        run_compare(config, overwrite=args.overwrite)
     print(f"report written to {Path(config.out_dir) / 'report.html'}")
 
 
@@ -49,16 +54,26 @@ def _demo_command(argv: list[str]) -> None:
         description="The embedded default: EfficientNet-Lite0 -> Lite2 on MNIST 5k, all arms.")
     parser.add_argument("--out_dir", default="runs/demo")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help=_VERBOSE)
     args = parser.parse_args(argv)
     from .experiments.compare import run_demo
 
-    run_demo(args.out_dir, overwrite=args.overwrite)
+    with _quiet(args.verbose):
+        run_demo(args.out_dir, overwrite=args.overwrite)
 
 
 def _transport_command(argv: list[str]) -> None:
     from .lightning.cli import transport_command
 
-    transport_command(argv)
+    verbose = "--verbose" in argv
+    with _quiet(verbose):
+        transport_command([a for a in argv if a != "--verbose"])
+
+
+def _quiet(verbose: bool):
+    from .lightning.console import quiet_console
+
+    return quiet_console(verbose)
 
 
 def _lightning_command(argv: list[str], from_command_line: bool) -> None:

@@ -22,7 +22,7 @@ from .families import describe_model
 from .matching import match
 from .options import TransportOptions
 from .procrustes import resolve_solver
-from .task_vector import as_state_dict
+from .task_vector import as_state_dict, fit_prefix
 from .transport_report import TransportReport
 from .update import compute_update
 
@@ -48,7 +48,8 @@ def transport(
 
     Args:
         source_pretrained: the source base model (its activations are observed).
-        source_finetuned: the finetuned source: a module, a state dict or a checkpoint path.
+        source_finetuned: the finetuned source: a module, a state dict or a checkpoint path (a
+            Lightning ``.ckpt`` of any module: the wrapper prefix, e.g. ``net.``, is stripped).
         target: the target base model, updated in place (its task head is replaced).
         calibration: model inputs (tensors, or mappings of keyword tensors), e.g. unlabelled
             training batches; not needed for ``method="slice"``.
@@ -67,7 +68,10 @@ def transport(
     check_calibration("target_calibration", target_calibration)
     check_models(source_pretrained, target)
     started = time.perf_counter()
-    finetuned = _checked_finetuned(as_state_dict(source_finetuned))
+    finetuned = as_state_dict(source_finetuned)
+    if not isinstance(source_finetuned, nn.Module):  # a checkpoint may carry a wrapper prefix
+        finetuned = fit_prefix(finetuned, source_pretrained.state_dict(), "source_finetuned")
+    finetuned = _checked_finetuned(finetuned)
     layout_s = describe_model(source_pretrained, options.source_family)
     layout_t = describe_model(target, options.target_family)
     matching = match(layout_s, layout_t, options.depth_mapping)

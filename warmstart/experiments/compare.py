@@ -31,6 +31,7 @@ from rich.console import Console
 
 from ..lightning.callbacks import ConvergenceTracker, TaskVectorTransport
 from ..lightning.cli import build_cli
+from ..lightning.console import StepProgress
 
 ARMS = ("cold", "theseus", "slice", "head_only")
 
@@ -86,6 +87,10 @@ def _config_arg(config: str | dict) -> str:
     return yaml.safe_dump(config) if isinstance(config, dict) else str(config)
 
 
+# Each fit shows one StepProgress bar instead of Lightning's own bar and model summary.
+_QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+
+
 def _cli(fit_configs, extra_args: list[str]):
     return build_cli([a for c in fit_configs for a in ("-c", _config_arg(c))] + extra_args)
 
@@ -104,7 +109,8 @@ def ensure_source(config: CompareConfig, console: Console) -> str:
     fit_configs = fit_configs if isinstance(fit_configs, list) else [fit_configs]
     console.print(f"[bold]fine-tuning the source[/] -> {checkpoint}")
     root = Path(checkpoint).parent / "source_run"
-    cli = _cli(fit_configs, [*config.overrides, "--trainer.default_root_dir", str(root)])
+    cli = _cli(fit_configs, [*config.overrides, *_QUIET, "--trainer.default_root_dir", str(root)])
+    cli.trainer.callbacks.append(StepProgress("source"))
     cli.trainer.fit(cli.model, cli.datamodule)
     Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
     cli.trainer.save_checkpoint(checkpoint, weights_only=True)
@@ -116,10 +122,10 @@ def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) 
     run_dir = Path(config.out_dir) / "runs" / f"{arm}_seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cli = _cli(config.fit_config, [*config.overrides, "--seed_everything", str(seed),
+    cli = _cli(config.fit_config, [*config.overrides, *_QUIET, "--seed_everything", str(seed),
                                    "--trainer.default_root_dir", str(run_dir)])
     tracker = ConvergenceTracker(path=str(run_dir / "curve.csv"), **config.tracker)
-    callbacks = [tracker]
+    callbacks = [tracker, StepProgress(f"{arm} (seed {seed})")]
     if arm != "cold":
         options = {**config.transport, "source_finetuned": source_checkpoint, "method": arm}
         callbacks.insert(0, TaskVectorTransport(**options))
@@ -162,5 +168,7 @@ def run_demo(out_dir: str = "runs/demo", overwrite: bool = False):
         config, out_dir=out_dir,
         source={**config.source, "checkpoint": str(Path(out_dir) / "source.ckpt")})
     summary = run_compare(config, overwrite=overwrite)
+    if summary.verdict is not None:
+        print(f"\n{summary.verdict.text}")
     print(f"demo report: {Path(out_dir) / 'report.html'}")
     return summary

@@ -100,7 +100,7 @@ class TaskVectorTransport(Callback):
         self,
         source_pretrained: str | nn.Module,
         source_finetuned: str | nn.Module | dict,
-        options: TransportOptions | None = None,
+        options: TransportOptions = TransportOptions(),  # noqa: B008 (frozen, shared safely)
         *,
         target_attribute: str | None = None,
         inputs: Callable[[Any], Any] | None = None,
@@ -128,7 +128,7 @@ class TaskVectorTransport(Callback):
                 "Hugging Face folder).")
         if isinstance(options, Mapping):  # e.g. a compare config's transport section
             options = TransportOptions(**options)
-        options = (options or TransportOptions()).replace(**option_values)
+        options = options.replace(**option_values)
         self.plan = WarmStart(
             source_pretrained, source_finetuned, options, target_attribute, inputs,
             source_inputs, source_tokenizer, text_key, monitor, mode, alpha_val_batches,

@@ -59,13 +59,14 @@ def build_cli(args: list[str]) -> WarmstartCLI:
 
 TRANSPORT_USAGE = """\
 warmstart transport -c FIT_CONFIG -c callbacks/transport.yaml --out TARGET.safetensors
-                    [--overwrite] [any fit option, e.g. --transport.options.alpha=2
+                    [--overwrite] [--verbose] [any fit option, e.g. --transport.options.alpha=2
                     --transport.options.solver=eigh --trainer.accelerator=cuda]
 
 Warm-start the target of a fit config without training and write its weights (safetensors)
 and the transport report (<out>.report.json). Every option of the transport callback
-(--transport.*) and of the Trainer (--trainer.*, e.g. the device) is available; they are
-listed, with help, by `warmstart fit --help`."""
+(--transport.*, its TransportOptions under --transport.options.*) and of the Trainer
+(--trainer.*, e.g. the device: --trainer.accelerator) is available. The transport's options
+are listed below; the Trainer's, the model's and the data's by `warmstart fit --help`."""
 
 
 def transport_command(argv: list[str]) -> Path:
@@ -76,15 +77,17 @@ def transport_command(argv: list[str]) -> Path:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if args.help or not args.out:
-        print(TRANSPORT_USAGE)
-        if args.help:
-            return Path()
-        raise ValueError("warmstart transport needs --out TARGET.safetensors.")
+    if args.help:
+        print(TRANSPORT_USAGE + "\n")
+        build_cli(["--transport.help", "TaskVectorTransport"])  # LightningCLI's own help; exits
+    if not args.out:
+        raise ValueError("warmstart transport needs --out TARGET.safetensors (see "
+                         "warmstart transport --help).")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists already; pass --overwrite or choose another --out.")
     cli = build_cli([*rest, "--trainer.max_steps=0", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                      "--trainer.enable_checkpointing=false", "--trainer.num_sanity_val_steps=0",
                      f"--trainer.default_root_dir={out.parent / (out.stem + '_run')}"])
     warm = next((c for c in cli.trainer.callbacks if isinstance(c, TaskVectorTransport)), None)

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..engine.families import describe_model
 from ..engine.options import TransportOptions
-from ..engine.task_vector import as_state_dict, fit_prefix
 from ..engine.transport import transport
 from ..engine.transport_report import TransportReport
 from .batches import InputsFn, TokenizeText, take_inputs
@@ -121,12 +120,6 @@ def head_classes(target: nn.Module) -> int | None:
     return int(state[heads[0]].shape[0]) if heads else None
 
 
-def load_finetuned(spec: str | nn.Module | Mapping, source: nn.Module) -> dict:
-    """The fine-tuned source's weights in the source model's naming (wrapper prefix stripped)."""
-    state = as_state_dict(spec)
-    return fit_prefix(state, source.state_dict(), f"source_finetuned {_describe(spec)}")
-
-
 def calibration_batches(trainer: L.Trainer) -> Any:
     """This rank's shard of the training data, unshuffled (Lightning's distributed sampler)."""
     loader = trainer.fit_loop._data_source.dataloader()
@@ -166,7 +159,6 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
     """Transport into the target network of ``pl_module`` in place; returns the report."""
     target = find_target(pl_module, plan.target_attribute)
     source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
-    finetuned = load_finetuned(plan.source_finetuned, source)
     source.to(pl_module.device)
     calibration = source_calibration = None
     if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
@@ -177,7 +169,7 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
                 batches, plan.calibration_batches, target, plan.inputs, source_fn)
     evaluate = alpha_scorer(trainer, plan) if plan.options.alpha == "auto" else None
     return transport(
-        source, finetuned, target,
+        source, plan.source_finetuned, target,
         source_calibration if source_calibration is not None else calibration,
         target_calibration=calibration if source_calibration is not None else None,
         evaluate=evaluate, options=plan.options.replace(
