@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from warmstart import TransportOptions
 from warmstart.__main__ import main
 from warmstart.experiments.compare import CompareConfig
 
@@ -86,3 +90,72 @@ def test_unknown_option_is_refused_by_lightning_cli(capsys):
         main(["fit", "-c", str(ROOT / "configs" / "demo_target.yaml"), "--trainer.max_stepz=3"])
     assert exit_info.value.code != 0
     assert "max_stepz" in capsys.readouterr().err
+
+
+def test_help_names_real_files_and_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "transport", "compare", "demo"):
+        assert command in text.split("usage:")[1].split("\n")[0]
+    for path in re.findall(r"(?:configs|callbacks)/[\w./]+\.yaml", text):
+        assert (ROOT / path).exists(), path
+
+
+def test_transport_help_lists_every_option_with_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transport", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in TransportOptions.__dataclass_fields__:
+        assert f"--transport.options.{name} " in text, name
+    assert "polar factor by exact SVD" in text  # the help text, not only the names
+
+
+def test_transport_command_writes_the_warm_started_target(tmp_path):
+    """`warmstart transport` = the fit config run for zero steps with the transport callback."""
+    from safetensors.torch import load_file, save_file
+
+    from warmstart.lightning.models import Classifier
+
+    vit = {"img_size": 16, "patch_size": 8, "num_heads": 2}
+    torch.manual_seed(0)
+    source = Classifier("vit_tiny_patch16_224", 10, pretrained=False,
+                        model_kwargs={**vit, "embed_dim": 32, "depth": 2})
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(base))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")  # "model." keys
+    config = {
+        "seed_everything": 1,
+        "model": {"class_path": "warmstart.lightning.models.Classifier",
+                  "init_args": {"backbone": "vit_tiny_patch16_224", "num_classes": 10,
+                                "pretrained": False,
+                                "model_kwargs": {**vit, "embed_dim": 48, "depth": 3}}},
+        "data": {"class_path": "warmstart.lightning.data.ImageClassificationData",
+                 "init_args": {"source": "mnist5k", "image_size": 16, "batch_size": 16,
+                               "train_limit": 64, "val_limit": 32}},
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "transport": {"source_pretrained": "vit_tiny_patch16_224",
+                      "source_finetuned": str(tmp_path / "source.ckpt"),
+                      "source_model_kwargs": {
+                          **vit, "embed_dim": 32, "depth": 2,
+                          "pretrained_cfg_overlay": {"file": str(base)}},
+                      "options": {"calibration_batches": 2}},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out" / "target.safetensors"
+    assert main(["transport", "-c", str(path), "--transport.options.alpha=2",
+                 "--out", str(out)]) == 0
+    written = load_file(str(out))
+    torch.manual_seed(1)
+    cold = Classifier("vit_tiny_patch16_224", 10, pretrained=False,
+                      model_kwargs={**vit, "embed_dim": 48, "depth": 3}).model.state_dict()
+    assert written.keys() == cold.keys()
+    assert torch.equal(written["pos_embed"], cold["pos_embed"])  # same init; embeddings: zero delta
+    assert not torch.equal(written["blocks.0.attn.qkv.weight"], cold["blocks.0.attn.qkv.weight"])
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["alpha"] == 2.0 and report["options"]["calibration_batches"] == 2
+    assert main(["transport", "-c", str(path), "--out", str(out)]) == 2  # refuses to overwrite
