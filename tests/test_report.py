@@ -4,6 +4,8 @@ files."""
 from __future__ import annotations
 
 import base64
+import copy
+import functools
 import html
 import io
 import json
@@ -11,14 +13,22 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from rich.console import Console
 
-from warmstart.experiments.plots import band_over_seeds, plot_convergence
+from warmstart import TransportReport, transport
+from warmstart.experiments.plots import (
+    band_over_seeds,
+    layer_norms,
+    plot_convergence,
+    plot_update_norms,
+)
 from warmstart.experiments.report import console_tables, print_summary, write_report
 from warmstart.experiments.summary import Run, load_runs, read_curve, summarize
 
@@ -285,16 +295,19 @@ def test_report_opens_with_the_verdict_then_thresholds_then_curves(tmp_path):
              "## Metric at equal budgets",
              "| arm | step 10 (25%) | step 20 (50%) | step 40 (100%) | AUC |",
              "| cold | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000 | 0.500 ± 0.000 |",
-             "## Curves", "![convergence](convergence.png)",
-             "## Steps to cold's final val_acc (legacy speedups)", "## Settings"]
+             "## Steps to cold's final val_acc (legacy speedups)", "### Settings",
+             "## Curves", "![convergence](convergence.png)", "## Transport",
+             "No transport report was given", "## Config", "No config was given."]
     at = [md.find(piece) for piece in order]
     assert -1 not in at and at == sorted(at), list(zip(order, at))
     assert md.startswith(f"# linear\n\n**Verdict:** {verdict}")
 
     page = (out / "report.html").read_text()
-    order = [html.escape(verdict), "Time to reach the reference", "<td>10.0 ± 8.5 (2/3)</td>",
-             "Metric at equal budgets", "data:image/png;base64,", "legacy speedups",
-             "<h2>Settings</h2>"]
+    order = ["<section id='verdict'>", html.escape(verdict), "<section id='thresholds'>",
+             "Time to reach the reference", "<td>10.0 ± 8.5 (2/3)</td>",
+             "<section id='budgets'>", "Metric at equal budgets", "<section id='legacy'>",
+             "legacy speedups", "<h3>Settings</h3>", "<section id='curves'>",
+             "data:image/png;base64,", "<section id='transport'>", "<section id='config'>"]
     at = [page.find(piece) for piece in order]
     assert -1 not in at and at == sorted(at), list(zip(order, at))
     assert "src='http" not in page and "<link" not in page and "<script" not in page
@@ -332,6 +345,10 @@ def test_compare_config_chooses_the_metric_and_its_direction(tmp_path, monkeypat
     def fake_arm(config, arm, seed, source):
         csv = tmp_path / f"{arm}{seed}.csv"
         curves[(arm, seed)].to_csv(csv, index=False)
+        if arm != "cold":  # as TaskVectorTransport does: the log dir (here a logger's folder)
+            run_dir = Path(config.out_dir) / "runs" / f"{arm}_seed{seed}"
+            report = tiny_transports()[f"theseus seed {seed}"]
+            report.write_json(run_dir / "lightning_logs" / "version_0" / REPORT, overwrite=True)
         return csv
 
     monkeypatch.setattr(compare, "ensure_source", lambda config, console: "source.ckpt")
@@ -341,9 +358,115 @@ def test_compare_config_chooses_the_metric_and_its_direction(tmp_path, monkeypat
     # loss = 1 - acc: cold ends at 0.2, theseus gets there at steps 20 and 30
     assert s.metric == "val_loss" and s.mode == "min"
     assert s.arm("theseus").steps_to_target.values == (20.0, 30.0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| theseus seed 0 | theseus | 1.0 |" in md and "| theseus seed 1 |" in md
+    assert "| cold seed" not in md and "![per-layer update norms](transport_norms.png)" in md
+    assert "## Config\n\n```yaml\nfit_config:\n- a.yaml\nout_dir: " in md
+    assert "metric: val_loss\nmode: auto\n```" in md
     s = compare.run_compare(replace(config, mode="max"), console=console, overwrite=True)
     assert s.mode == "max"
 
     path.write_text("fit_config: [a.yaml]\nout_dir: x\ntransport: {}\nmode: up\n")
     with pytest.raises(ValueError, match="mode: 'up' is not one of auto, max, min"):
         compare.CompareConfig.from_yaml(path)
+
+
+# ---- transport and config sections --------------------------------------------------------------
+
+def _mlp(hidden: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(12, hidden), torch.nn.GELU(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+                               torch.nn.Linear(hidden, 3))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_transports() -> dict[str, TransportReport]:
+    """Real transport reports: a fine-tuned 8-wide MLP onto 16-wide ones (theseus, two seeds'
+    calibration batches) and the slice baseline."""
+    torch.manual_seed(0)
+    source = _mlp(8)
+    finetuned = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in finetuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reports = {}
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        calibration = [torch.randn(32, 12, generator=g) for _ in range(3)]
+        reports[f"theseus seed {seed}"] = transport(source, finetuned, _mlp(16), calibration,
+                                                    progress=False)
+    reports["slice seed 0"] = transport(source, finetuned, _mlp(16), method="slice",
+                                        progress=False)
+    return reports
+
+
+REPORT = "transport_report.json"
+COMPARE_CONFIG = {"fit_config": ("a.yaml",), "arms": ["cold", "theseus", "slice"],
+                  "transport": {"alpha": 1.0, "calibration_batches": 3}, "seeds": (0, 1)}
+
+
+def test_report_transport_section_and_config_yaml(tmp_path):
+    reports = tiny_transports()
+    as_json = {name: r.write_json(tmp_path / name.replace(" seed ", "_seed") / REPORT)
+               for name, r in reports.items()}
+    # a report given as the object, as its dict and as its JSON path reads the same
+    given = {"theseus seed 0": reports["theseus seed 0"],
+             "theseus seed 1": reports["theseus seed 1"].to_dict(),
+             "slice seed 0": as_json["slice seed 0"]}
+    out = tmp_path / "rep"
+    write_report(linear_runs(), out, title="linear", config=COMPARE_CONFIG, transports=given,
+                 console=Console(file=io.StringIO()))
+    md = (out / "report.md").read_text()
+    order = ["**Verdict:**", "## Time to reach the reference's thresholds", "## Curves",
+             "## Transport", "### Time split (seconds)",
+             "| run | method | α | statistics | maps | rules | apply | other | total |",
+             "| theseus seed 0 | theseus | 1.0 |", "| slice seed 0 | slice | 1.0 |",
+             "### Maps by width", "| theseus seed 0 | 12 × 12 | 1 | 12 | 96 |",
+             "| theseus seed 0 | 8 × 16 | 4 | 8 | 96 |", "| slice seed 0 | no maps | 0 |",
+             "#### theseus seed 0: all 5 maps", "| 0:in | 12 × 12 | 12 | 96 |",
+             "| 2:out | 8 × 16 | 8 | 96 |", "#### theseus seed 1: all 5 maps",
+             "### Per-layer update norms", "![per-layer update norms](transport_norms.png)",
+             "## Config", "```yaml\nfit_config:\n- a.yaml\narms:\n- cold\n- theseus\n- slice\n"
+             "transport:\n  alpha: 1.0\n  calibration_batches: 3\nseeds:\n- 0\n- 1\n```"]
+    at = [md.find(piece) for piece in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at))
+    assert "slice seed 0: all" not in md  # no empty map table
+    total = reports["theseus seed 0"].timings["total"]
+    assert f"| {total:.3f} |" in md
+
+    img = mpimg.imread(out / "transport_norms.png")
+    assert img.ndim == 3 and img.shape[1] > 700
+    page = (out / "report.html").read_text()
+    pngs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert [base64.b64decode(p) for p in pngs] == [
+        (out / "convergence.png").read_bytes(), (out / "transport_norms.png").read_bytes()]
+    assert "<details open><summary>theseus seed 0: all 5 maps" in page
+    assert "<pre>fit_config:\n- a.yaml\narms:" in page
+    assert "src='http" not in page and "<link" not in page and "<script" not in page
+
+    # a list of JSON paths is named after the run directories
+    write_report(linear_runs(), out, title="linear", transports=list(as_json.values())[::-1],
+                 overwrite=True, console=Console(file=io.StringIO()))
+    md = (out / "report.md").read_text()
+    assert md.find("| slice seed 0 | slice |") < md.find("| theseus seed 1 | theseus |")
+    missing = {"x": tmp_path / "missing.json"}
+    with pytest.raises(FileNotFoundError, match=r"missing.json \(run 'x'\) does not exist"):
+        write_report(linear_runs(), out, title="linear", transports=missing, overwrite=True,
+                     console=Console(file=io.StringIO()))
+
+
+def test_update_norms_per_layer():
+    params = [{"name": "blocks.0.attn.qkv.weight[0:4]", "norm_target": 3.0, "norm_source": 1.0},
+              {"name": "blocks.0.attn.qkv.weight[4:8]", "norm_target": 4.0, "norm_source": 1.0},
+              {"name": "blocks.0.attn.qkv.bias", "norm_target": 0.0, "norm_source": 1.0},
+              {"name": "head.weight", "norm_target": 2.0, "norm_source": 2.0}]
+    assert layer_norms(params, "norm_target") == {"blocks.0.attn.qkv": 5.0, "head": 2.0}
+    assert layer_norms(params, "norm_source") == pytest.approx({"blocks.0.attn.qkv": 3 ** 0.5,
+                                                                 "head": 2.0})
+    fig = plot_update_norms({"theseus seed 0": {"params": params},
+                             "theseus seed 1": {"params": params[:1]}})
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["source ||τ_A||", "theseus seed 0 ||τ_B||",
+                                                    "theseus seed 1 ||τ_B||"]
+    np.testing.assert_allclose(lines[1].get_ydata(), [5.0, 2.0])
+    assert np.isnan(lines[2].get_ydata()[1]) and lines[2].get_linestyle() == "--"

@@ -150,12 +150,18 @@ def run_compare(config: CompareConfig, console: Console | None = None, overwrite
         for arm in config.arms:
             console.print(f"[bold]arm {arm}[/], seed {seed}")
             curves[(arm, seed)] = run_arm(config, arm, seed, source)
-    settings = {"fit_config": list(config.fit_config), "transport": config.transport,
-                "seeds": list(config.seeds), "arms": list(config.arms)}
+    # each transported arm's TaskVectorTransport wrote its report into the run's log directory:
+    # the run directory itself with logger: false, a logger's version folder below it otherwise
+    transports = {}
+    for arm, seed in sorted(curves, key=lambda key: (config.arms.index(key[0]), key[1])):
+        found = sorted((out / "runs" / f"{arm}_seed{seed}").rglob("transport_report.json"))
+        if found:
+            transports[f"{arm} seed {seed}"] = found[0]
     reference = "cold" if "cold" in config.arms else config.arms[0]
-    return write_report(load_runs(curves), out, title=config.title, config=settings,
-                        overwrite=True, console=console, reference_arm=reference,
-                        metric=config.metric, mode=config.mode)
+    return write_report(load_runs(curves), out, title=config.title,
+                        config=dataclasses.asdict(config), overwrite=True, console=console,
+                        reference_arm=reference, metric=config.metric, mode=config.mode,
+                        transports=transports)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

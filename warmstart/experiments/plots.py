@@ -99,3 +99,66 @@ def plot_convergence(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def layer_norms(params: Sequence[dict], key: str) -> dict[str, float]:
+    """Root sum of squares of ``param[key]`` per layer (the parameter name without its last
+    component and row block: ``blocks.0.attn.qkv.weight[0:64]`` -> ``blocks.0.attn.qkv``), in
+    the order the layers first appear."""
+    sums: dict[str, float] = {}
+    for p in params:
+        layer = p["name"].split("[", 1)[0].rsplit(".", 1)[0]
+        sums[layer] = sums.get(layer, 0.0) + float(p.get(key) or 0.0) ** 2
+    return {layer: total**0.5 for layer, total in sums.items()}
+
+
+def plot_update_norms(reports: dict[str, dict], title: str = "") -> Figure:
+    """Per-layer ``||tau_B||`` (``norm_target``) of each transport report (a
+    ``TransportReport.to_dict()``, keyed by run name, e.g. ``"theseus seed 0"``) and the
+    source's ``||tau_A||`` (``norm_source``, from the first report) on the target's layers in
+    report order. One colour per arm (the name's first word), one line style per run of an arm;
+    a log scale when the norms span more than two decades."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    norms = {name: layer_norms(r.get("params", ()), "norm_target") for name, r in reports.items()}
+    first = next(iter(reports.values()), {})
+    source = layer_norms(first.get("params", ()), "norm_source")
+    layers = list(dict.fromkeys(layer for n in (source, *norms.values()) for layer in n))
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+
+    def series(values: dict[str, float]):
+        y = np.array([values.get(layer, np.nan) for layer in layers], dtype=float)
+        return np.where(y > 0, y, np.nan)
+
+    colors = arm_colors(list(dict.fromkeys(name.split()[0] for name in norms)))
+    styles, seen = ["-", "--", "-.", ":"], {}
+    ax.plot(x, series(source), color="#999999", lw=2.5, alpha=0.6, label="source ||τ_A||")
+    for name, values in norms.items():
+        arm = name.split()[0]
+        i = seen[arm] = seen.get(arm, -1) + 1
+        ax.plot(x, series(values), color=colors[arm], ls=styles[i % len(styles)], lw=1.3,
+                marker=".", label=f"{name} ||τ_B||")
+    finite = np.concatenate([series(v) for v in (source, *norms.values())])
+    finite = finite[np.isfinite(finite)]
+    if finite.size and finite.max() > 100 * finite.min():
+        ax.set_yscale("log")
+    step = max(1, len(layers) // 40)
+    labels = [layers[i] for i in range(0, len(layers), step)]
+    turn = max(map(len, labels), default=0) > 4
+    ax.set_xticks(x[::step], labels, rotation=70 if turn else 0, ha="right" if turn else "center",
+                  fontsize=7)
+    ax.set_xlabel("target layer (report order)")
+    ax.set_ylabel("update norm")
+    ax.grid(alpha=0.3)
+    if not layers:
+        ax.text(0.5, 0.5, "no parameters in the transport reports", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+    if norms:
+        ax.legend(fontsize=8, ncols=min(4, len(norms) + 1))
+    ax.set_title(title or "per-layer update norms")
+    return fig

@@ -5,8 +5,10 @@ Runs and curves live in :mod:`warmstart.experiments.curves`, their measures in
 :mod:`~warmstart.experiments.verdict`); :func:`write_report` summarizes runs there and writes
 the result as Markdown, self-contained HTML, PNG/SVG plots, CSV and JSON. The report opens with
 the verdict, then the steps and seconds each arm takes to reach thresholds set on the reference
-arm's curve, the metric at equal budgets, the curves, the legacy "steps to the reference's final
-value" table and the settings.
+arm's curve, the metric at equal budgets, the legacy "steps to the reference's final value" table
+and the settings, the curves, the transport section (time split, maps and per-layer update norms
+of the transported runs; :mod:`~warmstart.experiments.transport_section`) and the config as
+YAML. The pages themselves are rendered by :mod:`warmstart.experiments.page`.
 
 Example::
 
@@ -17,14 +19,10 @@ Example::
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +30,28 @@ import pandas as pd
 
 from warmstart.experiments.curves import CURVE_COLUMNS, Run
 from warmstart.experiments.measures import DEFAULT_BUDGETS, DEFAULT_FRACTIONS, Mode, Stat
+from warmstart.experiments.page import (
+    Bullets,
+    Heading,
+    Image,
+    Paragraph,
+    Section,
+    Table,
+    TableData,
+    html_page,
+    markdown_page,
+    write_images,
+)
 from warmstart.experiments.summary import Summary, summarize
+from warmstart.experiments.transport_section import (
+    Transports,
+    config_section,
+    load_transports,
+    transport_section,
+)
 
-
-@dataclass(frozen=True)
-class TableData:
-    """One table as strings, shared by the Markdown, HTML and console renderers."""
-
-    title: str
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
+__all__ = ["TableData", "budget_table", "console_tables", "print_summary", "reach_tables",
+           "summary_table", "write_report"]
 
 
 def _fmt(stat: Stat, spec: str, suffix: str = "") -> str:
@@ -123,7 +133,7 @@ def _budget_note(summary: Summary) -> str:
             "shortest run); AUC = mean metric over the step span; ± = std over seeds.")
 
 
-def _settings(summary: Summary, config: dict | None) -> list[str]:
+def _settings(summary: Summary) -> list[str]:
     rule = ">=" if summary.higher_is_better else "<="
     ref, m = summary.reference_arm, summary.metric
     steps = _fmt(summary.reference_steps_to_final, ".1f")
@@ -136,62 +146,27 @@ def _settings(summary: Summary, config: dict | None) -> list[str]:
          " numerators); speedup = those / the arm's steps (seconds) to target, per seed"),
         "seconds include the transport; AUC = mean metric over the step span; ± = std over seeds",
     ]
-    if config:
-        lines.append(f"config: `{json.dumps(config, sort_keys=True, default=str)}`")
     return lines
 
 
-def _md_table(table: TableData, level: str = "###") -> list[str]:
-    return [f"{level} {table.title}", "", "| " + " | ".join(table.header) + " |",
-            "|" + "---|" * len(table.header), *("| " + " | ".join(r) + " |" for r in table.rows),
-            ""]
-
-
-def _markdown(title: str, summary: Summary, config: dict | None) -> str:
+def _sections(summary: Summary, config: dict | None,
+              transports: Mapping[str, dict], curves_png: bytes) -> list[Section]:
+    """The report's sections in order: verdict, thresholds, budgets, legacy table and settings,
+    curves, transport, config."""
     steps, seconds = reach_tables(summary)
-    lines = [f"# {title}", "", f"**Verdict:** {summary.verdict.text}", "",
-             "## Time to reach the reference's thresholds", "", _reach_note(summary), ""]
-    lines += _md_table(steps) + _md_table(seconds)
-    lines += ["## Metric at equal budgets", "", _budget_note(summary), ""]
-    lines += _md_table(budget_table(summary))
-    lines += ["## Curves", "", "![convergence](convergence.png)", ""]
-    lines += _md_table(_legacy_table(summary), "##")
-    lines += ["## Settings", ""] + [f"- {s}" for s in _settings(summary, config)]
-    return "\n".join(lines) + "\n"
-
-
-def _html_text(text: str) -> str:
-    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
-
-
-def _html_table(table: TableData, tag: str = "h3") -> str:
-    def cells(kind: str, row: Sequence[str]) -> str:
-        return "<tr>" + "".join(f"<{kind}>{html.escape(c)}</{kind}>" for c in row) + "</tr>"
-
-    body = "".join(cells("td", r) for r in table.rows)
-    return (f"<{tag}>{html.escape(table.title)}</{tag}><table>{cells('th', table.header)}{body}"
-            "</table>")
-
-
-def _html(title: str, summary: Summary, config: dict | None, png: bytes) -> str:
-    steps, seconds = reach_tables(summary)
-    items = "".join(f"<li>{_html_text(s)}</li>" for s in _settings(summary, config))
-    data = base64.b64encode(png).decode("ascii")
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}img{max-width:100%}"
-        ".verdict{font-size:1.15em;background:#f3f6fa;padding:.6em 1em}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1>"
-        f"<p class='verdict'><b>Verdict:</b> {html.escape(summary.verdict.text)}</p>"
-        f"<h2>Time to reach the reference's thresholds</h2><p>{_html_text(_reach_note(summary))}"
-        f"</p>{_html_table(steps)}{_html_table(seconds)}"
-        f"<h2>Metric at equal budgets</h2><p>{_html_text(_budget_note(summary))}</p>"
-        f"{_html_table(budget_table(summary), 'h3')}"
-        f"<h2>Curves</h2><img alt='convergence' src='data:image/png;base64,{data}'>"
-        f"{_html_table(_legacy_table(summary), 'h2')}<h2>Settings</h2><ul>{items}</ul>"
-        "</body></html>\n"
-    )
+    legacy = _legacy_table(summary)
+    return [
+        Section("verdict", None, (Paragraph(summary.verdict.text, "Verdict:", "verdict"),)),
+        Section("thresholds", "Time to reach the reference's thresholds",
+                (Paragraph(_reach_note(summary)), Table(steps), Table(seconds))),
+        Section("budgets", "Metric at equal budgets",
+                (Paragraph(_budget_note(summary)), Table(budget_table(summary)))),
+        Section("legacy", legacy.title,
+                (Table(legacy, level=0), Heading("Settings"), Bullets(tuple(_settings(summary))))),
+        Section("curves", "Curves", (Image("convergence", "convergence.png", curves_png),)),
+        transport_section(transports),
+        config_section(config),
+    ]
 
 
 def console_tables(summary: Summary) -> list[TableData]:
@@ -245,17 +220,26 @@ def write_report(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
     verdict_fraction: float = 0.9,
+    transports: Transports | None = None,
 ) -> Summary:
     """Summarize ``runs`` (:func:`summarize`, which documents ``higher_is_better``, ``mode``,
     ``fractions``, ``budgets`` and ``verdict_fraction``) and write into ``out_dir``:
-    ``report.md``, ``report.html`` (self-contained, plot embedded), ``convergence.png`` / ``.svg``
-    (:func:`warmstart.experiments.plots.plot_convergence`), ``curves.csv`` (all runs, with ``arm``
-    and ``seed`` columns) and ``summary.json`` (``Summary.to_dict()``: ``verdict``,
+    ``report.md``, ``report.html`` (self-contained, plots embedded), ``convergence.png`` / ``.svg``
+    (:func:`warmstart.experiments.plots.plot_convergence`), ``transport_norms.png`` (when
+    ``transports`` are given), ``curves.csv`` (all runs, with ``arm`` and ``seed`` columns) and
+    ``summary.json`` (``Summary.to_dict()``: ``verdict``,
     ``thresholds``, ``budgets``, ``reference`` and the per-arm measures); print the verdict and
     tables to ``console``. ``summary.json`` is written last, so a directory holding it holds a
     complete report, and it is not overwritten unless ``overwrite=True`` (``FileExistsError``).
+
+    Both pages hold, in order: the verdict, the thresholds tables (then budgets and the legacy
+    table), the curves, the transport section (time split, maps, per-layer update norms of each
+    report in ``transports``: run name -> :class:`~warmstart.TransportReport`, its ``to_dict()``
+    or its JSON path, or a list of JSON paths; see
+    :func:`~warmstart.experiments.transport_section.load_transports`) and ``config`` as YAML.
     """
     out = Path(out_dir)
+    reports = load_transports(transports)
     if (out / "summary.json").exists() and not overwrite:
         raise FileExistsError(
             f"{out} already holds a report (summary.json); pass overwrite=True to replace it or "
@@ -270,8 +254,10 @@ def write_report(
     curves = pd.concat(frames, ignore_index=True)[["arm", "seed", *CURVE_COLUMNS]]
     curves.to_csv(out / "curves.csv", index=False)
     png = _write_plots(runs, summary, out, metric, loss_metric, title)
-    (out / "report.md").write_text(_markdown(title, summary, config), encoding="utf-8")
-    (out / "report.html").write_text(_html(title, summary, config, png), encoding="utf-8")
+    sections = _sections(summary, config, reports, png)
+    write_images(sections, out)
+    (out / "report.md").write_text(markdown_page(title, sections), encoding="utf-8")
+    (out / "report.html").write_text(html_page(title, sections), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n",
                                       encoding="utf-8")
     print_summary(summary, title, console)
@@ -280,8 +266,8 @@ def write_report(
 
 def _write_plots(runs: Sequence[Run], summary: Summary, out: Path, metric: str,
                  loss_metric: str | None, title: str) -> bytes:
-    """Write ``convergence.png`` / ``.svg`` with the target and the verdict's threshold lines;
-    return the PNG bytes for the HTML."""
+    """Write ``convergence.svg`` with the target and the verdict's threshold lines; return the
+    PNG bytes (:func:`write_images` writes ``convergence.png``)."""
     from warmstart.experiments.plots import plot_convergence
 
     key = summary.verdict.threshold
@@ -291,6 +277,5 @@ def _write_plots(runs: Sequence[Run], summary: Summary, out: Path, metric: str,
                            thresholds=line, title=title)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    (out / "convergence.png").write_bytes(png.getvalue())
     fig.savefig(out / "convergence.svg", format="svg")
     return png.getvalue()
