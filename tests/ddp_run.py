@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from warmstart import TaskVectorTransport
+from warmstart import ConvergenceTracker, TaskVectorTransport
 
 from .test_dropin import TupleModule, _mlp
 
@@ -49,9 +49,10 @@ def main() -> None:
         max_steps=1, accelerator="cpu", devices=args.devices,
         strategy="ddp_spawn" if args.devices > 1 else "auto", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=args.out,
-        callbacks=[warm, SaveAtStart(args.out)])
-    trainer.fit(module, data)
+        num_sanity_val_steps=0, default_root_dir=args.out, limit_val_batches=2,
+        callbacks=[warm, SaveAtStart(args.out),
+                   ConvergenceTracker(every_n_steps=1, path=str(args.out / "curve.csv"))])
+    trainer.fit(module, data, data)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,8 @@ def test_ddp_spawn_through_the_trainer(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], value, atol=1e-6, rtol=1e-5)
     assert not torch.equal(rank0["net.0.weight"], untouched["net.0.weight"])
+    for run in ("ddp", "single"):  # the tracker under DDP: rank 0 writes the module's metrics
+        curve = (tmp_path / run / "curve.csv").read_text().splitlines()
+        assert curve[0] == "step,seconds,metric,value"
+        assert {line.split(",")[0] for line in curve[1:]} == {"0", "1"}
+        assert {line.split(",")[2] for line in curve[1:]} == {"val_loss", "val_accuracy"}

@@ -320,3 +320,21 @@ def test_metrics_reach_csv_and_tensorboard_loggers(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"transport/seconds", "transport/maps", "val_accuracy", "tracker/seconds"} <= tags
     assert [e.step for e in events.Scalars("val_accuracy")][0] == 0
+
+
+def test_callbacks_under_a_precision_plugin(tmp_path):
+    """bf16 mixed precision: the transport writes float32 weights, the tracker reads the
+    metrics the module logs under autocast."""
+    source, checkpoint = _finetuned_source(tmp_path, TupleModule, lambda: _mlp(16),
+                                           lambda: _tensor_data((12,)))
+    module, snapshot = TupleModule(_mlp(24)), Snapshot()
+    initial = module.net[0].weight.detach().clone()
+    warm = TaskVectorTransport(source, checkpoint, progress=False)
+    tracker = ConvergenceTracker(every_n_steps=2)
+    _trainer(tmp_path / "run", [warm, tracker, snapshot], max_steps=2,
+             precision="bf16-mixed").fit(module, _tensor_data((12,)), _tensor_data((12,)))
+    assert snapshot.state["net.0.weight"].dtype == torch.float32
+    assert not torch.equal(snapshot.state["net.0.weight"], initial)
+    curve = pd.read_csv(tracker.written)
+    assert sorted(curve.step.unique()) == [0, 2]
+    assert set(curve.metric) == {"val_loss", "val_accuracy"}

@@ -30,6 +30,7 @@ _KNOWN_WARNINGS = (
     r".*is smaller than the logging interval.*",
     r".*`tensorboardX` has been removed as a dependency.*",
     r".*Checkpoint directory .* exists and is not empty.*",
+    r"No seed found, seed set to 0",
 )
 
 
