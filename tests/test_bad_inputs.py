@@ -289,8 +289,8 @@ def test_modality_mismatch_between_calibration_and_family(vits):
 
 
 def test_max_batches_zero(mlp):
-    _fails(mlp, ValueError, r"calibration_batches must be None \(all batches\) or a number of batches "
-                            r">= 1, got 0", calibration_batches=0)
+    _fails(mlp, ValueError, r"calibration_batches must be None \(all batches\) or a number of "
+                            r"batches >= 1, got 0", calibration_batches=0)
 
 
 def test_too_few_rows_warn_with_their_numbers_and_are_completed_by_default(mlp):

@@ -39,7 +39,8 @@ def _skip_unless(names):
     missing = _missing(names)
     return pytest.mark.skipif(
         bool(missing),
-        reason=f"packaged assets {missing} not installed (see warmstart.lightning.assets.ASSETS for pip)",
+        reason=f"packaged assets {missing} not installed "
+               "(see warmstart.lightning.assets.ASSETS for pip)",
     )
 
 
