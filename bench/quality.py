@@ -25,19 +25,27 @@ from warmstart.experiments.compare import CompareConfig, run_compare
 
 
 def source_accuracy(config: CompareConfig, checkpoint: str) -> float | None:
-    """Validation accuracy of the fine-tuned source, evaluated on the target's validation split."""
+    """Validation accuracy of the fine-tuned source on the whole validation split of its own fit
+    config: its module's ``validation_step`` (``val_acc``) through ``Trainer.validate``."""
     import torch
+    import yaml
 
-    from warmstart.experiments.compare import _cli
-    from warmstart.lightning.warm import evaluate
+    from warmstart.lightning.cli import build_cli
 
-    if not config.source.get("fit_config"):
+    fit_configs = config.source.get("fit_config")
+    if not fit_configs:
         return None
-    cli = _cli(config.source["fit_config"], list(config.overrides))
+    fit_configs = fit_configs if isinstance(fit_configs, list) else [fit_configs]
+    # the source's fit may run without validation (limit_val_batches: 0): score it on every
+    # validation batch here, on one device, logging nothing
+    args = [a for c in fit_configs
+            for a in ("-c", yaml.safe_dump(c) if isinstance(c, dict) else str(c))]
+    cli = build_cli([*args, *config.overrides, "--trainer.limit_val_batches=1.0",
+                     "--trainer.devices=1", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false"])
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     cli.model.load_state_dict(state)
-    cli.datamodule.setup("fit")
-    return evaluate(cli.model, cli.datamodule.val_dataloader())["val_acc"]
+    return cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val_acc"]
 
 
 def run_pair(path: str, seeds: list[int], settings: dict, out_root: Path, console: Console):
@@ -49,7 +57,7 @@ def run_pair(path: str, seeds: list[int], settings: dict, out_root: Path, consol
                      transport={**config.transport, **settings})
     started = time.perf_counter()
     summary = run_compare(config, console=console, overwrite=True)
-    checkpoint = config.source.get("checkpoint")
+    checkpoint = config.source.get("checkpoint") or config.transport.get("source_finetuned")
     result = {"config": path, "settings": settings, "seeds": seeds, "out_dir": str(out_dir),
               "seconds": time.perf_counter() - started, "summary": summary.to_dict(),
               "source_finetuned_acc": source_accuracy(config, checkpoint)}

@@ -22,16 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from warmstart.engine.activations import collect_statistics
+from warmstart.engine.apply import apply_update
 from warmstart.engine.families import describe_model
 from warmstart.engine.families.base import BlockId, SpaceKey
 from warmstart.engine.matching import match
-from warmstart.engine.procrustes import procrustes_map
-from warmstart.engine.apply import apply_update
 from warmstart.engine.options import TransportOptions
+from warmstart.engine.procrustes import procrustes_map
+from warmstart.engine.task_vector import as_state_dict, fit_prefix
 from warmstart.engine.update import compute_update
 from warmstart.lightning.data import ImageClassificationData, TextClassificationData
 from warmstart.lightning.models import build_model, tokenizer_for
-from warmstart.lightning.warm import TransportConfig, load_source
 
 VISION_GRID = [  # (name, alphas, update options)
     ("theseus", (0.5, 1.0, 2.0, 4.0), {}),
@@ -56,9 +56,10 @@ class Vision:
         self.train = [b for b, _ in zip(dm.train_dataloader(), range(16))]
         self.val = list(dm.val_dataloader())
         self.calib = [b["image"] for b in self.train]
-        self.source, self.finetuned = load_source(
-            TransportConfig("efficientnet_lite0", source_ckpt), 10)
-        self.source.eval()
+        self.source = build_model("efficientnet_lite0", 10, pretrained=True).eval()
+        # the Lightning checkpoint names the network "model.*": strip the wrapper prefix
+        self.finetuned = fit_prefix(as_state_dict(source_ckpt), self.source.state_dict(),
+                                    f"source checkpoint {source_ckpt}")
         torch.manual_seed(0)
         self.target = build_model(target_name, 10).eval()
         self.base = copy.deepcopy(self.target.state_dict())

@@ -18,16 +18,18 @@ on P has learnt strokes but not the F classes.
 3. The pretrained target gets a new head (timm drops the saved one because the class counts
    differ) and is fine-tuned on F by every arm with the same seed, steps and data order: cold (no
    transport), theseus (one arm per ``--alphas`` value), slice and head_only (alpha 1; head_only
-   does not depend on alpha). The arms run through ``warmstart.experiments.compare.run_arm``, the code path
-   of ``warmstart compare``; the compare YAML is written to ``<work_dir>/compare.yaml`` and read
-   back with ``CompareConfig.from_yaml``. ``--seeds`` change the target's new head and the data
-   order, not the pretrained weights nor the validation split. ``--probe_alphas`` (default
-   ``auto``) measure theseus at more strengths on the same path, stopped after one step: their
-   step-0 accuracy only.
-4. The convergence report (``warmstart.experiments.report.write_report``) goes to ``<work_dir>/report/``;
-   a table is printed and the numbers are written to ``--out`` (JSON).
+   does not depend on alpha). The arms run through ``warmstart.experiments.compare.run_arm``,
+   the code path of ``warmstart compare``; the compare YAML is written to
+   ``<work_dir>/compare.yaml`` and read back with ``CompareConfig.from_yaml``. ``--seeds``
+   change the target's new head and the data order, not the pretrained weights nor the
+   validation split. ``--probe_alphas`` (default ``auto``) measure theseus at more strengths on
+   the same path, stopped after one step: their step-0 accuracy only.
+4. The convergence report (``warmstart.experiments.report.write_report``) goes to
+   ``<work_dir>/report/``; a table is printed and the numbers are written to ``--out`` (JSON).
 
-Validation accuracy is measured on a fixed split of F (20 %, data seed 0) that no arm trains on.
+Validation accuracy (the ``val_acc`` that the module's own ``validation_step`` logs, through
+Lightning's validation loop) is measured on a fixed split of F (20 %, data seed 0) that no arm
+trains on.
 ``alpha=auto`` picks alpha by the loss on 4 of those validation batches, so its numbers are
 slightly optimistic. The pretrained and fine-tuned checkpoints are reused from ``--work_dir`` when
 they were made with the same settings (kept in a JSON sidecar next to each); ``--fresh`` retrains
@@ -52,11 +54,11 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from warmstart.experiments.compare import CompareConfig, _cli, ensure_source, run_arm
+from warmstart.experiments.compare import CompareConfig, ensure_source, run_arm
 from warmstart.experiments.report import write_report
 from warmstart.experiments.summary import Run, Stat, load_runs, read_curve
+from warmstart.lightning.cli import build_cli
 from warmstart.lightning.models import build_model
-from warmstart.lightning.warm import evaluate
 
 P_CLASSES = [0, 1, 2, 3, 4]
 F_CLASSES = [5, 6, 7, 8, 9]
@@ -70,6 +72,9 @@ PRETRAIN = {"lr": 1e-3, "warmup_steps": 20, "scheduler": "cosine"}
 FINETUNE = {"lr": 5e-4, "warmup_steps": 5, "scheduler": "constant"}
 TRAINER = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
            "limit_val_batches": 0, "enable_model_summary": False, "enable_progress_bar": False}
+# The arms' fits: the ConvergenceTracker runs the module's validation (val_acc) on the whole
+# validation split; no sanity check before the step-0 point.
+ARM_VALIDATION = {"limit_val_batches": 1.0, "num_sanity_val_steps": 0}
 
 
 def vit_kwargs(size: dict, weights: Path | None = None) -> dict:
@@ -82,25 +87,44 @@ def vit_kwargs(size: dict, weights: Path | None = None) -> dict:
 
 
 def fit_config(size: dict, classes: list[int], steps: int, optim: dict, batch_size: int,
-               weights: Path | None = None, accelerator: str = "cpu") -> dict:
-    """A LightningCLI fit config (as a dict) for one ViT on one task."""
+               weights: Path | None = None, accelerator: str = "cpu",
+               trainer: dict | None = None) -> dict:
+    """A LightningCLI fit config (as a dict) for one ViT on one task (``trainer``: more Trainer
+    settings, e.g. validation for the arms)."""
     model = {"backbone": BACKBONE, "num_classes": len(classes), "pretrained": weights is not None,
              "model_kwargs": vit_kwargs(size, weights), **optim}
     data = {"source": "mnist5k", "image_size": IMAGE, "batch_size": batch_size,
             "classes": list(classes), "seed": 0}  # a copy: no YAML alias
     return {"seed_everything": 0,
             "model": {"class_path": "warmstart.lightning.models.Classifier", "init_args": model},
-            "data": {"class_path": "warmstart.lightning.data.ImageClassificationData", "init_args": data},
-            "trainer": {**TRAINER, "accelerator": accelerator, "max_steps": steps}}
+            "data": {"class_path": "warmstart.lightning.data.ImageClassificationData",
+                     "init_args": data},
+            "trainer": {**TRAINER, "accelerator": accelerator, "max_steps": steps,
+                        **(trainer or {})}}
+
+
+def cli_of(config: dict, extra: list[str] | None = None):
+    """The (not run) ``warmstart fit`` CLI of a fit config given as a dict."""
+    return build_cli(["-c", yaml.safe_dump(config), *(extra or [])])
+
+
+def validate(model, datamodule, accelerator: str) -> float:
+    """``val_acc`` that the module's own ``validation_step`` logs, over the whole validation
+    split (``Trainer.validate`` on one device, nothing logged)."""
+    import lightning
+
+    trainer = lightning.Trainer(accelerator=accelerator, devices=1, logger=False,
+                                enable_checkpointing=False, enable_model_summary=False,
+                                enable_progress_bar=False, limit_val_batches=1.0)
+    return float(trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val_acc"])
 
 
 def val_accuracy(config: dict, state: dict | None = None) -> float:
     """Validation accuracy of the config's model (with ``state`` loaded) on its own task."""
-    cli = _cli([config], [])
+    cli = cli_of(config)
     if state is not None:
         cli.model.load_state_dict(state)
-    cli.datamodule.setup("fit")
-    return evaluate(cli.model, cli.datamodule.val_dataloader())["val_acc"]
+    return validate(cli.model, cli.datamodule, config["trainer"]["accelerator"])
 
 
 def reusable(path: Path, config: dict, fresh: bool) -> dict | None:
@@ -127,14 +151,14 @@ def pretrain(name: str, size: dict, args, work: Path, console: Console) -> tuple
     else:
         console.print(f"[bold]pretraining the {name}[/] {size} on digits {P_CLASSES}")
         started = time.perf_counter()
-        cli = _cli([config], ["--trainer.default_root_dir", str(work / f"{name}_pretrain")])
+        cli = cli_of(config, ["--trainer.default_root_dir", str(work / f"{name}_pretrain")])
         cli.trainer.fit(cli.model, cli.datamodule)
         seconds = time.perf_counter() - started
         net = cli.model.model
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, weights)
         record = {"size": size, "steps": args.pretrain_steps, "seconds": seconds, "reused": False,
                   "params": sum(p.numel() for p in net.parameters()),
-                  "val_acc_P": evaluate(cli.model, cli.datamodule.val_dataloader())["val_acc"],
+                  "val_acc_P": validate(cli.model, cli.datamodule, args.accelerator),
                   "config": config}
         weights.with_suffix(".json").write_text(json.dumps(record, indent=2))
     check_loads(size, weights)
@@ -255,7 +279,7 @@ def main() -> None:
     source_fit = fit_config(SOURCE, F_CLASSES, args.source_steps, FINETUNE, args.batch_size,
                             source_weights, args.accelerator)
     target_fit = fit_config(TARGET, F_CLASSES, args.steps, FINETUNE, args.batch_size,
-                            target_weights, args.accelerator)
+                            target_weights, args.accelerator, trainer=ARM_VALIDATION)
     title = (f"ViT {SOURCE['embed_dim']}x{SOURCE['depth']} -> {TARGET['embed_dim']}x"
              f"{TARGET['depth']}, pretrained on MNIST digits 0-4, fine-tuned on 5-9")
     compare = {
@@ -268,7 +292,7 @@ def main() -> None:
                       "source_model_kwargs": vit_kwargs(SOURCE, source_weights),
                       "calibration_batches": args.calibration_batches, "alpha": alphas[0],
                       "progress": False},
-        "tracker": {"every_n_steps": args.every, "max_val_batches": None},
+        "tracker": {"every_n_steps": args.every},  # on the fit config's limit_val_batches
     }
     compare_yaml = work / "compare.yaml"
     compare_yaml.write_text("# written by bench/vit_offline.py; `warmstart compare -c` runs its "
