@@ -37,12 +37,14 @@ def source_accuracy(config: CompareConfig, checkpoint: str) -> float | None:
         return None
     fit_configs = fit_configs if isinstance(fit_configs, list) else [fit_configs]
     # the source's fit may run without validation (limit_val_batches: 0): score it on every
-    # validation batch here, on one device, logging nothing
+    # validation batch here, on one device, logging nothing (the CLI's config.yaml goes to
+    # out_dir, not to the working directory)
     args = [a for c in fit_configs
             for a in ("-c", yaml.safe_dump(c) if isinstance(c, dict) else str(c))]
     cli = build_cli([*args, *config.overrides, "--trainer.limit_val_batches=1.0",
                      "--trainer.devices=1", "--trainer.logger=false",
-                     "--trainer.enable_progress_bar=false"])
+                     "--trainer.enable_progress_bar=false", "--trainer.default_root_dir",
+                     str(Path(config.out_dir) / "source_validation")])
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     cli.model.load_state_dict(state)
     return cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val_acc"]
