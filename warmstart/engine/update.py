@@ -87,7 +87,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     timings["rules"] = time.perf_counter() - t0
     map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
                         for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
-    _warn_rank(map_reports)
+    _warn_rank(map_reports, opts.completion)
     return Update(deltas, values, reports, map_reports, tuple(skipped), scales), timings
 
 
@@ -236,13 +236,16 @@ def _map_report(key: SpaceKey, source_key: SpaceKey, m: ProcrustesMap) -> MapRep
                      m.alignment, m.completed)
 
 
-def _warn_rank(maps: tuple[MapReport, ...]) -> None:
+def _warn_rank(maps: tuple[MapReport, ...], completion: str) -> None:
     deficient = [m for m in maps if not m.determined]
     if deficient:
         worst = ", ".join(f"{m.target_space} rank {m.rank}/{min(m.d_source, m.d_target)} "
                           f"from {m.n_rows} rows" for m in deficient[:3])
+        fix = ("completion='crop' for a deterministic completion" if completion == "none" else
+               "check the calibration inputs (the crop completion could not fill these "
+               "directions either)")
         warnings.warn(
             f"{len(deficient)} of {len(maps)} maps are rank-deficient ({worst}); their "
-            "undetermined directions get no delta. Use more calibration data, or "
-            "completion='crop' for a deterministic completion.", stacklevel=3)
+            f"undetermined directions get no delta. Use more calibration data, or {fix}.",
+            stacklevel=3)
 
