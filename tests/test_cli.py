@@ -159,3 +159,20 @@ def test_transport_command_writes_the_warm_started_target(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["alpha"] == 2.0 and report["options"]["calibration_batches"] == 2
     assert main(["transport", "-c", str(path), "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_inputs_rule_is_an_import_path_in_yaml(tmp_path):
+    """`--transport.inputs` (or `inputs:` in YAML) names a callable by its import path."""
+    import operator
+
+    from warmstart import TaskVectorTransport
+    from warmstart.lightning.cli import build_cli
+
+    (tmp_path / "src.ckpt").write_bytes(b"")
+    cli = build_cli(["-c", str(ROOT / "configs" / "demo_target.yaml"),
+                     "-c", str(ROOT / "callbacks" / "transport.yaml"),
+                     f"--transport.source_finetuned={tmp_path / 'src.ckpt'}",
+                     "--transport.inputs=operator.length_hint",
+                     "--trainer.logger=false"])
+    warm = next(c for c in cli.trainer.callbacks if isinstance(c, TaskVectorTransport))
+    assert warm.plan.inputs is operator.length_hint
