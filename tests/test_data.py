@@ -11,14 +11,16 @@ from PIL import Image
 from transformers import BertTokenizerFast
 
 from warmstart.lightning import assets
-from warmstart.lightning.data import (
+from warmstart.lightning.collate import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageClassificationData,
     ImageCollate,
-    TextClassificationData,
     TextCollate,
     image_data_config,
+)
+from warmstart.lightning.data import (
+    ImageClassificationData,
+    TextClassificationData,
     load_rotten_tomatoes,
     read_table,
 )

@@ -121,7 +121,12 @@ def head_classes(target: nn.Module) -> int | None:
 
 
 def calibration_batches(trainer: L.Trainer) -> Any:
-    """This rank's shard of the training data, unshuffled (Lightning's distributed sampler)."""
+    """This rank's shard of the training data, unshuffled (Lightning's distributed sampler).
+
+    At ``on_fit_start`` the fit loop has not built its loader yet, and Lightning has no public
+    call for "the training loader as this rank will see it"; these two internals are the ones
+    the fit loop itself uses (``setup_data``), so the sharding is exactly Lightning's.
+    """
     loader = trainer.fit_loop._data_source.dataloader()
     return trainer._data_connector._prepare_dataloader(loader, shuffle=False,
                                                        mode=RunningStage.TRAINING)
