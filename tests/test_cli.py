@@ -176,3 +176,45 @@ def test_inputs_rule_is_an_import_path_in_yaml(tmp_path):
                      "--trainer.logger=false"])
     warm = next(c for c in cli.trainer.callbacks if isinstance(c, TaskVectorTransport))
     assert warm.plan.inputs is operator.length_hint
+
+
+def test_compare_end_to_end_prints_no_third_party_chatter(tmp_path, capfd):
+    """A tiny `warmstart compare` (tiny ViTs, MNIST 5k at 16 px): the terminal shows the progress
+    bars and the summary, none of Lightning's tips and banners or known warnings, no number cut
+    at 80 columns; summary.json and report.html hold the verdict and the thresholds."""
+    vit = {"img_size": 16, "patch_size": 8, "num_heads": 2}
+
+    def fit(width: int, depth: int, steps: int, val: int) -> dict:
+        return {"model": {"class_path": "warmstart.lightning.models.Classifier",
+                          "init_args": {"backbone": "vit_tiny_patch16_224", "num_classes": 10,
+                                        "pretrained": False, "lr": 0.003,
+                                        "model_kwargs": {**vit, "embed_dim": width,
+                                                         "depth": depth}}},
+                "data": {"class_path": "warmstart.lightning.data.ImageClassificationData",
+                         "init_args": {"source": "mnist5k", "image_size": 16, "batch_size": 32,
+                                       "train_limit": 256, "val_limit": 64}},
+                "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 1,
+                            "logger": False, "enable_checkpointing": False,
+                            "limit_val_batches": val, "num_sanity_val_steps": 0}}
+
+    config = {"title": "tiny", "out_dir": str(tmp_path / "out"), "arms": ["cold", "theseus"],
+              "seeds": [0], "source": {"checkpoint": str(tmp_path / "source.ckpt"),
+                                       "fit_config": [fit(32, 2, 4, 0)]},
+              "fit_config": [fit(48, 2, 4, 2)],
+              "transport": {"source_pretrained": "vit_tiny_patch16_224",
+                            "source_model_kwargs": {**vit, "embed_dim": 32, "depth": 2},
+                            "calibration_batches": 2},
+              "tracker": {"every_n_steps": 2}}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", "-c", str(path)]) == 0
+    out, err = capfd.readouterr()
+    text = out + err
+    for chatter in ("Tip:", "GPU available", "TPU available", "LeafSpec", "Epoch ", "…",
+                    "Loading weights", "Sanity Checking"):
+        assert chatter not in text, chatter
+    assert "cold (seed 0)" in text and "theseus (seed 0)" in text and "Verdict:" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["verdict"]["text"] and summary["thresholds"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert all(f"id='{s}'" in html for s in ("verdict", "thresholds", "curves", "transport"))

@@ -1,7 +1,8 @@
 """What warmstart's own commands print: one progress display per run and the summary.
 
 :func:`quiet_console` hides what third-party libraries print on every run (Lightning's tips and
-accelerator banners, known deprecation warnings, the datasets library's progress bars);
+accelerator banners, known deprecation warnings, the progress bars of datasets and of
+transformers' weight loading);
 ``warmstart demo --verbose`` (and ``compare``, ``transport``) brings them back.
 :class:`StepProgress` is the one progress display of a fit: optimizer steps and the last
 validation metrics.
@@ -41,12 +42,15 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         yield
         return
     import datasets
+    import transformers
 
     levels = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
     bars = datasets.utils.logging.is_progress_bar_enabled()
+    hf_bars = transformers.utils.logging.is_progress_bar_enabled()
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     datasets.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
     try:
         with warnings.catch_warnings():
             for pattern in _KNOWN_WARNINGS:
@@ -57,6 +61,8 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
         if bars:
             datasets.utils.logging.enable_progress_bar()
+        if hf_bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 class StepProgress(Callback):
