@@ -242,8 +242,8 @@ def _warn_rank(maps: tuple[MapReport, ...], completion: str) -> None:
         worst = ", ".join(f"{m.target_space} rank {m.rank}/{min(m.d_source, m.d_target)} "
                           f"from {m.n_rows} rows" for m in deficient[:3])
         fix = ("completion='crop' for a deterministic completion" if completion == "none" else
-               "check the calibration inputs (the crop completion could not fill these "
-               "directions either)")
+               "a smaller rank_rtol (the crop map itself reaches these directions only below "
+               "rank_rtol, so the completion left them out too)")
         warnings.warn(
             f"{len(deficient)} of {len(maps)} maps are rank-deficient ({worst}); their "
             f"undetermined directions get no delta. Use more calibration data, or {fix}.",
