@@ -175,7 +175,7 @@ def test_callback_errors(tmp_path, source_pair):
         TaskVectorTransport(base, finetuned, calibration_batches=0)
     with pytest.raises(ValueError, match="alpha must be a finite number or 'auto'"):
         TaskVectorTransport(base, finetuned, alpha="big")
-    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1 or None"):
         ConvergenceTracker(every_n_steps=0)
     train, val = _loaders()
     warm = TaskVectorTransport(base, finetuned, target_attribute="network", progress=False)

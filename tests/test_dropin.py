@@ -242,10 +242,13 @@ def test_alpha_auto_reads_the_modules_own_monitor(tmp_path):
             copy.deepcopy(module), _tensor_data((12,)), _tensor_data((12,)))
         rng_after[alpha] = torch.get_rng_state()
         if alpha == "auto":
-            scores = dict(warm.report.alpha_scores)
+            warm_auto, scores = warm, dict(warm.report.alpha_scores)
     assert list(scores) == [0.0, 1.0, 2.0]
-    assert all(-1.0 <= s <= 0.0 for s in scores.values())  # accuracies, negated for mode="max"
+    assert all(0.0 <= s <= 1.0 for s in scores.values())  # accuracies, as the module logs them
     assert len(set(scores.values())) > 1
+    assert warm_auto.report.alpha == max(scores, key=scores.get)  # mode="max"
+    assert (warm_auto.report.options["monitor"], warm_auto.report.options["mode"]) == (
+        "val_accuracy", "max")
     # the trials ran inside isolate_rng: the run's random stream is what it is without them
     assert torch.equal(rng_after["auto"], rng_after[1.0])
 
@@ -293,8 +296,8 @@ def test_target_is_found_alone_or_named(tmp_path):
             self.teacher = _mlp(24)
 
     warm = TaskVectorTransport(source, checkpoint, progress=False)
-    with pytest.raises(AttributeError, match=r"parameters sit in 2 child modules \(net, teacher\); "
-                                             r"set target_attribute"):
+    with pytest.raises(AttributeError, match=r"parameters sit in 2 child module\(s\) "
+                                             r"\(net, teacher\); set target_attribute"):
         _trainer(tmp_path / "run", [warm], max_steps=1).fit(TwoNets(), _tensor_data((12,)))
 
 
@@ -338,3 +341,37 @@ def test_callbacks_under_a_precision_plugin(tmp_path):
     curve = pd.read_csv(tracker.written)
     assert sorted(curve.step.unique()) == [0, 2]
     assert set(curve.metric) == {"val_loss", "val_accuracy"}
+
+
+def test_callbacks_reused_for_another_fit_start_afresh(tmp_path):
+    """A loop over seeds with the same callback objects: every fit is transported and gets its
+    own curve."""
+    source, checkpoint = _finetuned_source(tmp_path, TupleModule, lambda: _mlp(16),
+                                           lambda: _tensor_data((12,)))
+    warm = TaskVectorTransport(source, checkpoint, progress=False)
+    tracker = ConvergenceTracker(every_n_steps=2)
+    curves = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        module = TupleModule(_mlp(24))
+        initial = module.net[0].weight.detach().clone()
+        snapshot = Snapshot()
+        _trainer(tmp_path / f"run{seed}", [warm, tracker, snapshot], max_steps=2).fit(
+            module, _tensor_data((12,)), _tensor_data((12,)))
+        assert warm.report is not None and warm.applied
+        assert not torch.equal(snapshot.state["net.0.weight"], initial)
+        curves.append(pd.read_csv(tracker.written))
+    assert sorted(curves[1].step.unique()) == [0, 2]
+    assert not curves[0].equals(curves[1])  # the second fit's own rows, not the first's
+
+
+def test_tracker_warns_when_no_metric_is_recorded(tmp_path):
+    class OtherNames(TupleModule):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("loss/valid", F.cross_entropy(self(x), y))
+
+    with pytest.warns(UserWarning, match=r"logged no metric whose name starts with 'val' \(it "
+                                         r"logged \['loss/valid'\]\); pass monitor"):
+        _trainer(tmp_path, [ConvergenceTracker(every_n_steps=1)], max_steps=1).fit(
+            OtherNames(_mlp(8)), _tensor_data((12,)), _tensor_data((12,)))

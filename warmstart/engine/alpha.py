@@ -30,6 +30,6 @@ def select_alpha(target: nn.Module, update: Update, evaluate, grid,
         _restore(target, backup)
     finite = [s for s in scores if math.isfinite(s[1])]
     if not finite:
-        raise ValueError(f"every alpha in {grid} gave a non-finite validation loss.")
+        raise ValueError(f"every alpha in {grid} gave a non-finite validation score.")
     return min(finite, key=lambda s: s[1])[0], tuple(scores)
 

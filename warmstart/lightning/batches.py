@@ -5,9 +5,10 @@ The default rule, :func:`default_inputs`:
 - a tensor is the input;
 - from a tuple or list (``(x, y)``), the first element;
 - from a dict or ``BatchEncoding``, the keys that the network's ``forward`` accepts, minus label
-  keys (``label``, ``labels``). When ``forward`` names none of the keys but takes one tensor (a timm
-  model's ``forward(x)``) and the batch has one non-label tensor (``{"image": ..., "label": ...}``),
-  that tensor is the input.
+  keys (``label``, ``labels``, ``label_ids``, ``target``, ``targets``); a ``forward`` that takes
+  ``**kwargs`` (Hugging Face models) gets every other tensor. When ``forward`` names none of the
+  keys (a timm model's ``forward(x)``) and the batch has one non-label tensor
+  (``{"image": ..., "label": ...}``), that tensor is the input.
 
 Anything else takes a callable ``inputs(batch) -> model inputs``, e.g. ``lambda b: b["pixels"]``,
 or from YAML an import path (``inputs: my_project.data.pixels``).
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 InputsFn = Callable[[Any], Any]
-LABEL_KEYS = ("label", "labels")
+LABEL_KEYS = ("label", "labels", "label_ids", "target", "targets")
 
 
 def default_inputs(batch: Any, network: nn.Module) -> Any:

@@ -146,10 +146,15 @@ class TaskVectorTransport(Callback):
         return self.plan.options
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            find_target(pl_module, self.plan.target_attribute)
-            if self.options.alpha == "auto":
-                check_validation(trainer, "alpha='auto'")
+        if stage != "fit":
+            return
+        # A new fit starts unapplied (a callback reused for another fit transports again);
+        # resuming from a checkpoint restores the state after this, in load_state_dict.
+        self.applied, self.applied_fingerprint, self.seconds = False, None, 0.0
+        self.report = self.report_path = None
+        find_target(pl_module, self.plan.target_attribute)
+        if self.options.alpha == "auto":
+            check_validation(trainer, "alpha='auto'")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.applied:
@@ -220,8 +225,11 @@ class ConvergenceTracker(Callback):
 
     def __init__(self, every_n_steps: int | None = 10, monitor: list[str] | None = None,
                  filename: str = "curve.csv", path: str | None = None) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool)
+                                          or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an integer >= 1 or None, got "
+                             f"{every_n_steps!r}.")
         if isinstance(monitor, str):
             monitor = [monitor]
         self.every_n_steps = every_n_steps
@@ -237,6 +245,8 @@ class ConvergenceTracker(Callback):
         if stage != "fit":
             return
         check_validation(trainer, "ConvergenceTracker")
+        # a new fit starts a new curve (a checkpoint's rows are restored after this)
+        self.rows, self._clock, self.written = [], 0.0, None
         if self.every_n_steps is not None:
             # Lightning counts training batches; an optimizer step takes accumulate_grad_batches
             trainer.val_check_interval = self.every_n_steps * trainer.accumulate_grad_batches
@@ -269,7 +279,12 @@ class ConvergenceTracker(Callback):
     def _metrics(self, trainer: L.Trainer) -> dict[str, float]:
         logged = scalar_metrics(trainer.callback_metrics)
         if self.monitor is None:
-            return {k: v for k, v in sorted(logged.items()) if k.startswith("val")}
+            found = {k: v for k, v in sorted(logged.items()) if k.startswith("val")}
+            if not found:
+                rank_zero_warn(f"ConvergenceTracker: the module logged no metric whose name "
+                               f"starts with 'val' (it logged {sorted(logged) or 'none'}); "
+                               "pass monitor=[...] with the names to record.")
+            return found
         missing = [m for m in self.monitor if m not in logged]
         if missing:
             raise ValueError(f"ConvergenceTracker: monitor {missing} not among the metrics the "

@@ -4,9 +4,9 @@ Two uses, both through Lightning's validation loop, so ``limit_val_batches``, pr
 ``sync_dist`` metrics, distributed samplers and the module's own hooks all apply:
 
 - :func:`quiet_validation` scores a trial (``alpha="auto"``) on a few batches the way Lightning's
-  sanity check runs: nothing reaches the loggers, checkpointing and early stopping ignore it, and
-  every piece of state it touches (random generators, the loop's progress, the logged results) is
-  restored afterwards, as Lightning's learning-rate finder does.
+  sanity check runs (``trainer.sanity_checking`` is true): nothing reaches the loggers,
+  checkpointing and early stopping ignore it, the random generators are restored afterwards and
+  the loop's progress and logged results are cleared, as after Lightning's own sanity check.
 - :func:`validate_now` runs one ordinary validation between training steps (e.g. at step 0), as
   the training loop itself does every ``val_check_interval``; its metrics are logged as usual.
 """
@@ -82,7 +82,9 @@ def monitored(metrics: dict[str, float], monitor: str, where: str) -> float:
         raise ValueError(
             f"{where}: monitor={monitor!r} is not among the metrics the module logged in "
             f"validation ({sorted(metrics) or 'none'}); log it in validation_step (self.log("
-            f"{monitor!r}, ...)) or set monitor to one of these.")
+            f"{monitor!r}, ...)) or set monitor to one of these. (These runs are quiet "
+            "validations with trainer.sanity_checking set, like Lightning's sanity check: a "
+            "validation_step that skips logging during the sanity check logs nothing here.)")
     value = metrics[monitor]
     if not math.isfinite(value):
         return math.inf

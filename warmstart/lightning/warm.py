@@ -5,6 +5,7 @@ data, score ``alpha="auto"`` with the module's own validation, and run the engin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from ..engine.options import TransportOptions
 from ..engine.transport import transport
 from ..engine.transport_report import TransportReport
 from .batches import InputsFn, TokenizeText, take_inputs
-from .validation import check_validation, monitored, quiet_validation
+from .validation import monitored, quiet_validation
 
 DEFAULT_CALIBRATION_BATCHES = 8
 _HF_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
@@ -68,17 +69,19 @@ def find_target(pl_module: nn.Module, path: str | None) -> nn.Module:
     that holds all the parameters)."""
     if path is None:
         return _only_child(pl_module)
-    module = pl_module
-    for i, part in enumerate(path.split(".") if path else []):
-        module = getattr(module, part, None)
+    module, parts = pl_module, path.split(".") if path else []
+    for i, part in enumerate(parts):
+        parent, module = module, getattr(module, part, None)
         if not isinstance(module, nn.Module):
             found = "" if module is None else f" (it is a {type(module).__name__})"
-            where = ".".join(path.split(".")[:i + 1])
-            children = ", ".join(n for n, _ in pl_module.named_children()) or "none"
+            where = ".".join(parts[:i + 1])
+            children = ", ".join(n for n, _ in parent.named_children()) or "none"
+            owner = ".".join(parts[:i]) or type(pl_module).__name__
             raise AttributeError(
                 f"{type(pl_module).__name__} has no module at target_attribute={path!r}: "
-                f"{where!r} is missing{found}; its child modules are: {children}. Set "
-                "target_attribute to the dotted path of the network ('' for the module itself).")
+                f"{where!r} is missing{found}; the child modules of {owner} are: {children}. "
+                "Set target_attribute to the dotted path of the network ('' for the module "
+                "itself).")
     return module
 
 
@@ -88,10 +91,13 @@ def _only_child(pl_module: nn.Module) -> nn.Module:
     if len(holders) == 1 and sum(p.numel() for p in holders[0][1].parameters()) == total:
         return holders[0][1]
     names = ", ".join(n for n, _ in holders) or "none"
+    own = [n for n, _ in pl_module.named_parameters(recurse=False)]
+    stray = f" and {len(own)} of its own ({', '.join(own)})" if own else ""
     raise AttributeError(
         f"cannot tell which part of {type(pl_module).__name__} is the target network: its "
-        f"parameters sit in {len(holders)} child modules ({names}); set target_attribute to the "
-        "dotted path of the network, or '' to transport into the module itself.")
+        f"parameters sit in {len(holders)} child module(s) ({names}){stray}; set "
+        "target_attribute to the dotted path of the network, or '' to transport into the "
+        "module itself.")
 
 
 def build_source(spec: str | nn.Module, target: nn.Module, model_kwargs: dict) -> nn.Module:
@@ -120,7 +126,7 @@ def head_classes(target: nn.Module) -> int | None:
     return int(state[heads[0]].shape[0]) if heads else None
 
 
-def calibration_batches(trainer: L.Trainer) -> Any:
+def calibration_loader(trainer: L.Trainer) -> Any:
     """This rank's shard of the training data, unshuffled (Lightning's distributed sampler).
 
     At ``on_fit_start`` the fit loop has not built its loader yet, and Lightning has no public
@@ -140,16 +146,13 @@ def _source_inputs(plan: WarmStart) -> InputsFn | None:
     return None
 
 
-def _move(trainer: L.Trainer) -> Callable[[Any], Any]:
-    return lambda batch: trainer.strategy.batch_to_device(batch)
-
-
 def alpha_scorer(trainer: L.Trainer, plan: WarmStart) -> Callable[[nn.Module], float]:
     """``evaluate(target)`` for ``alpha="auto"``: the module's monitored validation metric over
     ``alpha_val_batches`` batches (lower is better; negated for ``mode="max"``), averaged over
-    the ranks so that every rank picks the same alpha."""
-    check_validation(trainer, "alpha='auto'")
+    the ranks so that every rank picks the same alpha. One validation batch runs first, so a
+    ``monitor`` the module does not log fails before any calibration work."""
     sign = 1.0 if plan.mode == "min" else -1.0
+    monitored(quiet_validation(trainer, 1), plan.monitor, "alpha='auto'")
 
     def evaluate(_target: nn.Module) -> float:
         metrics = quiet_validation(trainer, plan.alpha_val_batches)
@@ -159,23 +162,36 @@ def alpha_scorer(trainer: L.Trainer, plan: WarmStart) -> Callable[[nn.Module], f
     return evaluate
 
 
+def _as_logged(report: TransportReport, plan: WarmStart) -> TransportReport:
+    """The report with the trials' scores as the module logged them (not negated for
+    ``mode="max"``), and the metric they are."""
+    sign = 1.0 if plan.mode == "min" else -1.0
+    return dataclasses.replace(
+        report, alpha_scores=tuple((a, sign * s) for a, s in report.alpha_scores),
+        options={**report.options, "monitor": plan.monitor, "mode": plan.mode})
+
+
 def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmStart,
                   progress: bool = True) -> TransportReport:
     """Transport into the target network of ``pl_module`` in place; returns the report."""
     target = find_target(pl_module, plan.target_attribute)
-    source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
-    source.to(pl_module.device)
-    calibration = source_calibration = None
-    if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
-        source_fn, move = _source_inputs(plan), _move(trainer)
-        with isolate_rng():  # the training run's data order stays what it would have been
-            batches = (move(b) for b in calibration_batches(trainer))
-            calibration, source_calibration = take_inputs(
-                batches, plan.calibration_batches, target, plan.inputs, source_fn)
     evaluate = alpha_scorer(trainer, plan) if plan.options.alpha == "auto" else None
-    return transport(
-        source, plan.source_finetuned, target,
-        source_calibration if source_calibration is not None else calibration,
-        target_calibration=calibration if source_calibration is not None else None,
-        evaluate=evaluate, options=plan.options.replace(
-            calibration_batches=plan.calibration_batches), progress=progress)
+    source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
+    home = next((p.device for p in source.parameters()), torch.device("cpu"))
+    target_in = source_in = None
+    if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
+        with isolate_rng():  # the training run's data order stays what it would have been
+            batches = (trainer.strategy.batch_to_device(b) for b in calibration_loader(trainer))
+            target_in, source_in = take_inputs(batches, plan.calibration_batches, target,
+                                               plan.inputs, _source_inputs(plan))
+    try:
+        source.to(pl_module.device)
+        report = transport(  # the source reads its own inputs when it has them
+            source, plan.source_finetuned, target,
+            source_in if source_in is not None else target_in,
+            target_calibration=target_in if source_in is not None else None,
+            evaluate=evaluate, options=plan.options.replace(
+                calibration_batches=plan.calibration_batches), progress=progress)
+    finally:
+        source.to(home)  # a module the user passed goes back where it was
+    return _as_logged(report, plan) if evaluate is not None else report
