@@ -555,7 +555,7 @@ def test_callback_with_a_corrupt_checkpoint(mlp, tmp_path):
 
 @pytest.mark.parametrize("attribute,match", [
     ("network", r"MLPModule has no module at target_attribute='network': 'network' is missing; "
-                r"its child modules are: model\. Set target_attribute"),
+                r"the child modules of MLPModule are: model\. Set target_attribute"),
     ("lr", r"MLPModule has no module at target_attribute='lr': 'lr' is missing \(it is a "
            r"float\)"),
     ("model.body", r"no module at target_attribute='model.body': 'model.body' is missing"),
