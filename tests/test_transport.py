@@ -196,6 +196,8 @@ def _unchanged(model: nn.Module, snapshot) -> bool:
     ({"depthwise": "keep"}, "depthwise must be one of \\('diagonal', 'zero'\\)"),
     ({"embeddings": "copy"}, "embeddings must be one of \\('zero', 'map'\\)"),
     ({"solver": "qr"}, r"solver must be one of \('auto', 'svd', 'eigh'\)"),
+    ({"center": "no"}, r"center must be True or False, got 'no'"),
+    ({"strict": 1}, r"strict must be True or False, got 1"),
     ({"calibration": []}, "calibration data yielded no batches"),
     ({"calibration": None}, "needs calibration inputs"),
 ])

@@ -95,6 +95,9 @@ class TransportOptions:
                               ("embeddings", ("zero", "map"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("center", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         check_solver(self.solver)
         check_depth_mapping(self.depth_mapping)
         if not _is_count(self.bn_recalibration, 0):

@@ -249,7 +249,12 @@ class ConvergenceTracker(Callback):
         self.rows, self._clock, self.written = [], 0.0, None
         if self.every_n_steps is not None:
             # Lightning counts training batches; an optimizer step takes accumulate_grad_batches
-            trainer.val_check_interval = self.every_n_steps * trainer.accumulate_grad_batches
+            interval = self.every_n_steps * trainer.accumulate_grad_batches
+            if trainer.val_check_interval not in (1.0, interval):
+                rank_zero_info(f"ConvergenceTracker(every_n_steps={self.every_n_steps}) replaces "
+                               f"the Trainer's val_check_interval={trainer.val_check_interval}; "
+                               "every_n_steps=None keeps the Trainer's own schedule.")
+            trainer.val_check_interval = interval
             trainer.check_val_every_n_epoch = None
         self._started = time.perf_counter()
 
