@@ -63,20 +63,25 @@ def _mapping_inputs(batch: Mapping, network: nn.Module) -> Any:
 
 def forward_parameters(network: nn.Module) -> tuple[set[str], bool]:
     """Names ``network.forward`` accepts, and whether it takes ``**kwargs``."""
-    try:
-        parameters = inspect.signature(network.forward).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature
+    signature = _forward_signature(network)
+    if signature is None:  # builtins without a signature: assume anything goes
         return set(), True
+    parameters = signature.parameters.values()
     names = {p.name for p in parameters
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)}
     return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _signature(network: nn.Module) -> str:
+def _forward_signature(network: nn.Module) -> inspect.Signature | None:
     try:
-        return str(inspect.signature(network.forward))
+        return inspect.signature(network.forward)
     except (TypeError, ValueError):
-        return "(...)"
+        return None
+
+
+def _signature(network: nn.Module) -> str:
+    signature = _forward_signature(network)
+    return "(...)" if signature is None else str(signature)
 
 
 def take_inputs(batches: Iterable[Any], count: int, network: nn.Module,
