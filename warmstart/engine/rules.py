@@ -2,6 +2,8 @@
 
 - linear ``[out, in]``: ``T_out^T tau T_in``
 - vector ``[d]`` (bias, norm gain/shift, BN running mean): ``T_out^T v``
+- gain ``[d]`` (norm gain, layer scale: a diagonal operator): ``diag(T_out^T diag(g) T_out)``,
+  i.e. ``sum_i T_out[i, j]^2 g_i``; a signed permutation never flips a gain
 - variance ``[d]`` (BN running variance): ``sum_i T_out[i, j]^2 v_i`` (variance of a mapped
   coordinate when source coordinates are uncorrelated); the transport applies it to the log
   ratio of the finetuned to the pretrained variance and scales the target's variance by it
@@ -25,6 +27,11 @@ def linear(tau: Tensor, t_out: Tensor, t_in: Tensor) -> Tensor:
 def vector(v: Tensor, t_out: Tensor) -> Tensor:
     """``v`` [d_s] -> [d_t]."""
     return t_out.T @ v
+
+
+def gain(g: Tensor, t_out: Tensor) -> Tensor:
+    """A per-channel scale ``g`` [d_s] -> [d_t]: the diagonal of ``T^T diag(g) T``."""
+    return t_out.square().T @ g
 
 
 def variance(v: Tensor, t_out: Tensor) -> Tensor:

@@ -202,6 +202,8 @@ def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> T
         new = rules.linear(value, t_out, t_in)
     elif role.rule == "vector":
         new = rules.vector(value, t_out)
+    elif role.rule == "gain":
+        new = rules.gain(value, t_out)
     elif role.rule == "variance":
         new = rules.variance(value, t_out)
     elif role.rule == "conv":

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 Side = Literal["in", "out"]
 Rule = Literal[
     "linear",  # [out, in] weight: T_out^T tau T_in
-    "vector",  # bias / norm gain / norm shift / BN running mean: T_out^T v
+    "vector",  # bias / norm shift / BN running mean: T_out^T v
+    "gain",  # norm gain / layer scale (a diagonal operator): diag(T_out^T diag(g) T_out)
     "variance",  # BN running variance: sum_i T_ij^2 v_i
     "conv",  # [out, in, kh, kw]: the linear rule per spatial tap
     "depthwise",  # [C, 1, kh, kw]: diagonal of T^T diag(w) T per tap (or zero, by option)
@@ -209,11 +210,12 @@ def linear_params(
 
 def norm_params(module_name: str, role: str, block: BlockId | None, space: SpaceKey,
                 module: nn.Module) -> list[ParamRole]:
-    """Roles for a LayerNorm/BatchNorm: gain and shift as vectors, BN running stats too."""
+    """Roles for a LayerNorm/RMSNorm/BatchNorm: the gain as a diagonal scale, the shift as a
+    vector, BN running stats too."""
     out = []
-    for attr in ("weight", "bias"):
+    for attr, rule in (("weight", "gain"), ("bias", "vector")):
         if getattr(module, attr, None) is not None:
-            out.append(ParamRole(join(module_name, attr), f"{role}.{attr}", block, "vector", space))
+            out.append(ParamRole(join(module_name, attr), f"{role}.{attr}", block, rule, space))
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
         out.append(ParamRole(join(module_name, "running_mean"), f"{role}.running_mean", block,
                              "vector", space))

@@ -76,10 +76,9 @@ def describe(model: nn.Module) -> ModelLayout:
             if width is None:
                 width = module.normalized_shape[-1]
             spaces.append(Space(key, width, (Point(name, "out", "out", layout_of_norm(module)),)))
-            for attr in ("weight", "bias"):
+            for attr, rule in (("weight", "gain"), ("bias", "vector")):
                 if getattr(module, attr, None) is not None:
-                    params.append(ParamRole(join(name, attr), join(name, attr), None, "vector",
-                                            key))
+                    params.append(ParamRole(join(name, attr), join(name, attr), None, rule, key))
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 params.append(ParamRole(join(name, "running_mean"), join(name, "running_mean"),
                                         None, "vector", key))

@@ -65,7 +65,7 @@ def describe(model: nn.Module) -> ModelLayout:
         params += norm_params(f"{p}.norm2", "norm2", bid, resid, block.norm2)
         for ls in ("ls1", "ls2"):
             if hasattr(getattr(block, ls), "gamma"):
-                params.append(ParamRole(f"{p}.{ls}.gamma", f"{ls}.gamma", bid, "vector", resid))
+                params.append(ParamRole(f"{p}.{ls}.gamma", f"{ls}.gamma", bid, "gain", resid))
     first, last = SpaceKey(blocks[0], "resid"), SpaceKey(blocks[-1], "resid")
     for name in ("cls_token", "reg_token", "pos_embed"):
         if getattr(model, name, None) is not None:
