@@ -84,7 +84,9 @@ class Space:
 class ParamRole:
     """Parameter (or buffer) ``name`` plays ``role`` in ``block`` and moves by ``rule``.
 
-    ``rows=(start, stop)`` selects a block of rows of a fused parameter.
+    ``rows=(start, stop)`` selects a block of rows of a fused parameter. For a ``gain``,
+    ``gain_offset`` is what the module adds to the stored weight before scaling (Gemma's RMSNorm
+    scales by ``1 + weight``: offset 1).
     """
 
     name: str
@@ -94,6 +96,7 @@ class ParamRole:
     space_out: SpaceKey | None = None
     space_in: SpaceKey | None = None
     rows: tuple[int, int] | None = None
+    gain_offset: float = 0.0
 
     @property
     def key(self) -> tuple[BlockId | None, str]:
