@@ -14,6 +14,7 @@ from . import rules
 from .activations import collect_statistics
 from .checks import _warn_zero
 from .families.base import ModelLayout, ParamRole, SpaceKey
+from .heads import head_maps
 from .matching import Matching
 from .options import TransportOptions
 from .procrustes import ProcrustesMap, procrustes_map
@@ -75,7 +76,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
             max_batches=opts.calibration_batches, progress=progress)
         timings["statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        maps = {}
+        maps = head_maps(stats, layout_s, layout_t, matching, opts)  # attention heads
         for key in list(stats):  # each space's statistics are freed once its map exists
             maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
                                        completion=opts.completion, rank_rtol=opts.rank_rtol,

@@ -73,11 +73,40 @@ class Point:
     features: tuple[int, int] | None = None
 
 
+HeadKind = Literal["query", "key", "value", "output", "qkv", "head_dim"]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The attention heads laid out along a space, so that its map is built head by head.
+
+    ``kind`` says what the space holds: ``query`` (``n_heads`` heads of ``head_dim``), ``key`` /
+    ``value`` (``n_kv_heads`` heads), ``output`` (the output projection's input, one head per
+    query head), ``qkv`` (query, key and value heads concatenated, GPT-2's fused projection) or
+    ``head_dim`` (one head's coordinates, for per-head norms such as Qwen3's ``q_norm``). Query
+    head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``, as ``repeat_kv`` groups them.
+    ``rope`` holds the inverse frequencies of the rotary planes (dimension ``i`` turns with
+    ``i + head_dim / 2``), ``None`` without rotary embeddings; ``scale`` multiplies the q.k scores
+    (default ``head_dim ** -0.5``); ``normed`` means q and k are RMS-normalised per head after the
+    projection, so the norm's gain, not the projection, sets their scale. The maps are built by
+    :mod:`warmstart.engine.heads`.
+    """
+
+    kind: HeadKind
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: tuple[float, ...] | None = None
+    scale: float | None = None
+    normed: bool = False
+
+
 @dataclass(frozen=True)
 class Space:
     key: SpaceKey
     width: int
     points: tuple[Point, ...]
+    heads: HeadLayout | None = None
 
 
 @dataclass(frozen=True)
