@@ -23,6 +23,7 @@ _EXPORTS = {
     "CrossStatistics": "warmstart.engine.procrustes",
     "task_vector": "warmstart.engine.task_vector",
     "load_state_dict": "warmstart.engine.task_vector",
+    "transport_adapter": "warmstart.engine.lora_out",
     "TaskVectorTransport": "warmstart.lightning.callbacks",
     "ConvergenceTracker": "warmstart.lightning.callbacks",
     "Classifier": "warmstart.lightning.models",
@@ -44,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .engine.lora_out import transport_adapter  # noqa: F401
     from .engine.options import TransportOptions  # noqa: F401
     from .engine.procrustes import CrossStatistics, procrustes_map  # noqa: F401
     from .engine.task_vector import load_state_dict, task_vector  # noqa: F401

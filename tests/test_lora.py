@@ -1,0 +1,398 @@
+"""LoRA in, LoRA out: PEFT adapters moved as their factors (tiny random-init models, CPU).
+
+The exactness tests build the target as a function-preserving widening of the source, so the
+maps are known exactly and the moved adapter must make the target compute what the source with
+its adapter computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft", reason="the LoRA transport needs peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
+
+from warmstart import transport, transport_adapter  # noqa: E402
+from warmstart.engine.lora_out import transport_into_peft  # noqa: E402
+
+BERT_MODULES = ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def _bert_config(d: int, heads: int, inter: int, eps: float, layers: int = 2) -> BertConfig:
+    return BertConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=inter, vocab_size=100, max_position_embeddings=32,
+                      num_labels=3, layer_norm_eps=eps, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+
+
+def _bert(cls=BertForSequenceClassification, d: int = 32, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = cls(_bert_config(d, 4, 2 * d, 1e-5, layers)).eval()
+    with torch.no_grad():  # non-trivial norms and biases: activations of full rank
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _duplicating(d: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """[d, k d], orthonormal rows: every coordinate copied k times, scaled by 1/sqrt(k), at
+    permuted places. LayerNorm commutes with it (mean and variance scale, see _widen_bert)."""
+    perm = torch.randperm(d * k, generator=g)
+    e = torch.zeros(d, d * k)
+    for i in range(d):
+        e[i, perm[k * i:k * (i + 1)]] = k ** -0.5
+    return e
+
+
+def _partial_permutation(d: int, d_t: int, g: torch.Generator, signed: bool = False):
+    e = torch.zeros(d, d_t)
+    cols = torch.randperm(d_t, generator=g)[:d]
+    signs = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).float() if signed else 1.0
+    e[torch.arange(d), cols] = signs
+    return e
+
+
+def _widen_bert(source: nn.Module, k: int = 2, seed: int = 5) -> tuple[nn.Module, torch.Tensor]:
+    """A BERT k times wider computing ``source``'s function in the stream coordinates ``E``.
+
+    Stream: duplication ``E`` (LayerNorm gains and shifts ``g E``, ``b E``, eps / k); attention:
+    k times the heads, the source's heads first and the others silent; MLP hidden units: a
+    partial permutation (GELU keeps it); pooler output: a signed partial permutation (tanh)."""
+    cfg = source.config
+    d, di = cfg.hidden_size, cfg.intermediate_size
+    target = type(source)(_bert_config(d * k, cfg.num_attention_heads * k, di * 2,
+                                       cfg.layer_norm_eps / k, cfg.num_hidden_layers)).eval()
+    g = torch.Generator().manual_seed(seed)
+    e, q = _duplicating(d, k, g), torch.eye(d, d * k)
+    h, p = _partial_permutation(di, di * 2, g), _partial_permutation(d, d * k, g, signed=True)
+    maps = {"query": (q, e), "key": (q, e), "value": (q, e), "attention.output.dense": (e, q),
+            "intermediate.dense": (h, e), "output.dense": (e, h), "pooler.dense": (p, e)}
+    old, new = source.state_dict(), dict(target.state_dict())
+    for name, value in old.items():
+        if name.endswith(("position_ids", "token_type_ids")) or name.startswith("classifier"):
+            continue  # the target keeps its own buffers and (new) head
+        module = next((m for m in maps if f"{m}." in name), None)
+        if module is None:  # embeddings and LayerNorms: along the stream
+            new[name] = value @ e
+        elif name.endswith("weight"):
+            new[name] = maps[module][0].T @ value @ maps[module][1]
+        else:
+            new[name] = value @ maps[module][0]
+    target.load_state_dict(new)
+    return target, e
+
+
+def _texts(n_batches: int = 3, batch: int = 8, length: int = 12, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[: batch // 2, length - 3:] = 0  # padding is left out of the statistics
+        out.append({"input_ids": torch.randint(5, 100, (batch, length), generator=g),
+                    "attention_mask": mask})
+    return out
+
+
+def _lora(model: nn.Module, seed: int = 1, **config) -> PeftModel:
+    """``model`` (copied) with a LoRA whose factors (and modules_to_save) are random: a trained
+    adapter, as far as the transport can tell."""
+    config.setdefault("target_modules", BERT_MODULES)
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return wrapped.eval()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, snapshot) -> bool:
+    state = model.state_dict()
+    return set(state) == set(snapshot) and all(torch.equal(state[k], v)
+                                               for k, v in snapshot.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA out: a PEFT adapter for the target
+
+
+def test_widening_is_exact():
+    source = _bert(BertModel)
+    target, e = _widen_bert(source)
+    x = _texts(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(target(**x).last_hidden_state,
+                                   source(**x).last_hidden_state @ e, atol=1e-5, rtol=0)
+
+
+def test_bert_classifier_adapter_moves_exactly_into_a_widened_bert(tmp_path):
+    source = _bert()
+    target, _ = _widen_bert(source)
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS")  # classifier: modules_to_save
+    adapter.save_pretrained(tmp_path / "source_adapter")
+    before = _snapshot(target)
+    out = tmp_path / "target_adapter"
+    report = transport_adapter(source, tmp_path / "source_adapter", target, _texts(), out,
+                               progress=False)
+    assert _unchanged(target, before)  # the target is only read
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert len(config["target_modules"]) == 10  # 5 modules x 2 layers, by the target's names
+    assert set(config["modules_to_save"]) == {"classifier", "bert.pooler"}
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), out).eval()
+    ranks = {m.lora_A["default"].weight.shape[0] for m in loaded.modules()
+             if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert ranks == {4}
+    x = _texts(1, seed=11)[0]
+    with torch.no_grad():
+        expected, got = adapter(**x).logits, loaded(**x).logits
+        plain = target(**x).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert (plain - expected).abs().max() > 0.1  # the adapter is what makes them agree
+
+    assert len(report.modules) == 10 and {m.rank for m in report.modules} == {4}
+    for m in report.modules:  # E, Q, H have orthonormal rows: norms are kept exactly
+        assert m.norm_source > 0 and m.norm_target == pytest.approx(m.norm_source, rel=1e-4)
+    assert {p.rule for p in report.params} >= {"head", "head_bias"}
+    written = json.loads((out / "warmstart_report.json").read_text())
+    assert written["summary"]["lora_modules"] == 10.0
+
+
+def test_patterns_rslora_and_alpha_go_into_the_factors(tmp_path):
+    source = _bert(BertModel)
+    target, e = _widen_bert(source)
+    adapter = _lora(source, r=4, lora_alpha=8,
+                    rank_pattern={"layer.1.attention.self.query": 2},
+                    alpha_pattern={"layer.0.output.dense": 3})
+    x = _texts(1, seed=11)[0]
+    report = transport_adapter(source, adapter, target, _texts(), tmp_path / "a", progress=False)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
+    query = loaded.get_base_model().encoder.layer[1].attention.self.query
+    assert query.r["default"] == 2 and query.scaling["default"] == 4.0
+    assert loaded.get_base_model().encoder.layer[0].output.dense.scaling["default"] == 0.75
+    with torch.no_grad():
+        # float32 forward noise, amplified by a large random adapter (float64: 1e-7)
+        torch.testing.assert_close(loaded(**x).last_hidden_state,
+                                   adapter(**x).last_hidden_state @ e, atol=5e-4, rtol=0)
+    assert {m.rank for m in report.modules} == {2, 4}
+
+    rs = _lora(source, r=4, lora_alpha=8, use_rslora=True)
+    report = transport_adapter(source, rs, target, _texts(), tmp_path / "rs", alpha=2.0,
+                               progress=False)
+    assert {m.scaling for m in report.modules} == {4.0}  # 8 / sqrt(4)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "rs").eval()
+    base = loaded.get_base_model().encoder.layer[0]
+    src = rs.get_base_model().encoder.layer[0]
+    with torch.no_grad():  # alpha = 2 doubles B' and leaves A' alone
+        for name in ("attention.self.value", "intermediate.dense"):
+            moved, orig = base.get_submodule(name), src.get_submodule(name)
+            torch.testing.assert_close(moved.lora_B["default"].weight.norm(),
+                                       2 * orig.lora_B["default"].weight.norm(), rtol=1e-4,
+                                       atol=0)
+            torch.testing.assert_close(moved.lora_A["default"].weight.norm(),
+                                       orig.lora_A["default"].weight.norm(), rtol=1e-4, atol=0)
+    for m in report.modules:
+        assert m.norm_target == pytest.approx(2 * m.norm_source, rel=1e-4)
+
+
+def test_transport_with_an_adapter_merges_it_module_by_module():
+    """LoRA in, weights out: transport() with an adapter source adds alpha s B'A' per module."""
+    source = _bert(BertModel)
+    target, e = _widen_bert(source)
+    adapter = _lora(source, r=4, lora_alpha=8)
+    x = _texts(1, seed=11)[0]
+    with torch.no_grad():
+        expected = adapter(**x).last_hidden_state @ e
+    report = transport(source, adapter, target, _texts(), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(target(**x).last_hidden_state, expected, atol=5e-4, rtol=0)
+    assert len(report.modules) == 10
+    assert sum(p.rule == "lora" for p in report.params) == 10
+
+
+def test_deeper_target_pairs_blocks_by_relative_depth(tmp_path):
+    source = _bert(BertModel, layers=2)
+    target = _bert(BertModel, d=48, layers=3, seed=4)
+    report = transport_adapter(source, _lora(source), target, _texts(), tmp_path / "a",
+                               progress=False)
+    by_block = sorted({m.name.split(".")[2] for m in report.modules})
+    assert by_block == ["0", "1", "2"]  # target block 1 takes source block 1 (round half up)
+    sources = {m.name: m.source for m in report.modules}
+    assert sources["encoder.layer.1.attention.self.query"] == "encoder.layer.1.attention.self.query"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**_texts(1)[0]).last_hidden_state).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start of a PEFT-wrapped target
+
+
+def test_into_a_peft_target_in_place_with_other_rank_and_scale():
+    source = _bert()
+    target, _ = _widen_bert(source)
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS")
+    wrapped = get_peft_model(copy.deepcopy(target), LoraConfig(
+        r=8, lora_alpha=4, target_modules=BERT_MODULES, task_type="SEQ_CLS")).eval()
+    tensors = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    pointers = {n: p.data_ptr() for n, p in tensors.items()}
+    report = transport_into_peft(source, adapter, wrapped, _texts(), progress=False)
+    assert {n: p.data_ptr() for n, p in wrapped.named_parameters() if p.requires_grad} == pointers
+    x = _texts(1, seed=11)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(**x).logits, adapter(**x).logits, atol=1e-4, rtol=0)
+        with wrapped.disable_adapter():  # the encoder's base weights are untouched
+            torch.testing.assert_close(wrapped.get_base_model().bert(**x).last_hidden_state,
+                                       target.bert(**x).last_hidden_state, atol=0, rtol=0)
+    assert len(report.modules) == 10
+    notes = dict(report.skipped)  # BERT's pooler is the head's first layer, frozen in the target
+    assert "written into the frozen base weight" in notes["bert.pooler.dense.weight"]
+
+    narrow = get_peft_model(copy.deepcopy(target), LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query"], task_type="SEQ_CLS")).eval()
+    with pytest.raises(ValueError, match="has no LoRA on 8 module"):
+        transport_into_peft(source, adapter, narrow, _texts(), progress=False)
+    report = transport_into_peft(source, adapter, narrow, _texts(), strict=False, progress=False)
+    notes = dict(report.skipped)
+    assert "left out" in notes["bert.encoder.layer.0.attention.self.value"]
+    query = notes["bert.encoder.layer.0.attention.self.query"]
+    assert "target rank 2 < source rank 4: kept" in query
+
+
+def test_callback_warm_starts_the_lora_of_a_lightning_module(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from warmstart import TaskVectorTransport
+
+    source = _bert()
+    target, _ = _widen_bert(source)
+    _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS").save_pretrained(tmp_path / "adapter")
+
+    class LoraModule(lightning.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, _):
+            return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)
+
+    wrapped = get_peft_model(copy.deepcopy(target), LoraConfig(
+        r=4, lora_alpha=8, target_modules=BERT_MODULES, task_type="SEQ_CLS"))
+    module = LoraModule(wrapped)
+    warm = TaskVectorTransport(source, str(tmp_path / "adapter"), target_attribute="model",
+                               calibration_batches=3, progress=False)
+    trainer = lightning.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path,
+                                callbacks=[warm])
+    batches = [dict(b, labels=torch.zeros(8, dtype=torch.long)) for b in _texts()]
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    expected = PeftModel.from_pretrained(copy.deepcopy(source), tmp_path / "adapter").eval()
+    x = _texts(1, seed=11)[0]
+    with torch.no_grad():  # lr 0: the one step changed nothing
+        torch.testing.assert_close(wrapped.eval()(**x).logits, expected(**x).logits, atol=1e-4,
+                                   rtol=0)
+    assert warm.report.summary()["lora_modules"] == 10.0
+    optimizer_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in wrapped.parameters() if p.requires_grad} == optimizer_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a clear error, nothing written
+
+
+def _assert_refused(tmp_path, source, adapter, target, match, error=ValueError):
+    out = tmp_path / "out"
+    before = _snapshot(target)
+    with pytest.raises(error, match=match):
+        transport_adapter(source, adapter, target, _texts(2), out, progress=False)
+    assert not out.exists()
+    assert _unchanged(target, before)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    source = _bert(BertModel)
+    target, _ = _widen_bert(source)
+    wider = _bert(BertModel, d=48)
+    _lora(wider).save_pretrained(tmp_path / "wide")
+    _assert_refused(tmp_path, source, tmp_path / "wide", target,
+                    r"trained on another base model: module 'encoder.layer.0.attention.output."
+                    r"dense' has LoRA factors A \(8, 48\) and B \(48, 8\), which do not fit "
+                    r"its weight \(32, 32\)")
+    deeper = _bert(BertModel, layers=3)
+    _assert_refused(tmp_path, source, _lora(deeper), target,
+                    r"trained on another base model: 5 of its modules are not in the source "
+                    r"model BertModel \(encoder.layer.2.attention.output.dense")
+
+
+def test_damaged_adapters_are_refused(tmp_path):
+    source = _bert(BertModel)
+    target, _ = _widen_bert(source)
+    folder = tmp_path / "adapter"
+    _lora(source).save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _assert_refused(tmp_path, source, folder, target, r"could not read the weights of adapter .*"
+                    r"damaged or incomplete")
+    weights.write_bytes(data)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    _assert_refused(tmp_path, source, folder, target, r"could not read .*adapter_config.json.*"
+                    "damaged")
+    _assert_refused(tmp_path, source, tmp_path, target, "is not a PEFT adapter folder: it has no "
+                    "adapter_config.json", FileNotFoundError)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "dora", "bias"])
+def test_unsupported_peft_types_are_refused(tmp_path, kind):
+    source = _bert(BertModel)
+    target, _ = _widen_bert(source)
+    if kind == "ia3":
+        config = peft.IA3Config(target_modules=["key", "value", "output.dense"],
+                                feedforward_modules=["output.dense"])
+        adapter, match = get_peft_model(copy.deepcopy(source), config), "is a IA3 adapter"
+    else:
+        extra = {"use_dora": True} if kind == "dora" else {"bias": "all"}
+        adapter = get_peft_model(copy.deepcopy(source), LoraConfig(
+            r=4, target_modules=BERT_MODULES, **extra))
+        match = ("DoRA \\(use_dora=True\\)" if kind == "dora"
+                 else "bias='all' trains the base model's biases")
+    adapter.save_pretrained(tmp_path / "adapter")
+    _assert_refused(tmp_path, source, tmp_path / "adapter", target,
+                    f"{match}.*merge_and_unload")
+
+
+def test_lora_on_the_task_head_and_busy_out_dir_are_refused(tmp_path):
+    source = _bert()
+    target, _ = _widen_bert(source)
+    on_head = _lora(source, target_modules=["query", "classifier"])
+    _assert_refused(tmp_path, source, on_head, target, "puts LoRA on the task head 'classifier'")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty; pass overwrite=True"):
+        transport_adapter(source, _lora(source), target, _texts(2), busy, progress=False)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="alpha='auto' needs a validation score"):
+        transport_adapter(source, _lora(source), target, _texts(2), tmp_path / "x",
+                          alpha="auto", progress=False)

@@ -1,0 +1,596 @@
+"""LoRA adapters (PEFT) as task vectors: read one, and move it into another base model.
+
+A LoRA update of a linear layer is ``dW = s B A`` (``A`` [r, in], ``B`` [out, r], ``s`` =
+``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA). The linear rule moves it to
+``T_out^T dW T_in = s (T_out^T B) (A T_in)``: again a LoRA of rank ``r``, with no truncation. So
+the factors are moved one module at a time and no full-size update is ever built: ``B' = T_out^T B``
+and ``A' = A T_in``. A convolution's LoRA is the same per spatial tap of ``A``; an embedding's
+(``dE = s A^T B^T``) maps ``B`` only. ``modules_to_save`` (e.g. a trained classifier) are full
+tensors and move by the ordinary rules of :mod:`.update`.
+
+Adapters are read through PEFT's public API (``PeftConfig.from_pretrained``, ``load_peft_weights``,
+``get_peft_model_state_dict``); the maps come from the same statistics and matching as a full
+transport (:func:`.update.compute_maps`). Consumers: :mod:`.lora_out` writes a PEFT adapter for the
+target, merges the moved adapter into the target's weights, or writes it into a live PEFT model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import rules
+from .families.base import ModelLayout, ParamRole
+from .head_hidden import HEAD_RULES, head_hidden_map
+from .matching import Matching, ParamPairing
+from .options import TransportOptions
+from .procrustes import ProcrustesMap
+from .transport_report import ParamReport
+from .update import _display_name, _transport_params, compute_maps
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.CONFIG_NAME (importing peft takes seconds)
+_PEFT_PREFIX = "base_model.model."
+_FACTOR_KEYS = ((".lora_A.weight", "a"), (".lora_B.weight", "b"),
+                (".lora_embedding_A", "a"), (".lora_embedding_B", "b"))
+_KINDS = {"linear": "linear", "conv": "conv", "embedding": "embedding"}
+_SHOWN = 8
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA, ``dW = scaling * B A`` in the module's weight layout.
+
+    ``kind`` is ``linear`` (``A`` [r, in], ``B`` [out, r]), ``conv`` (``A`` [r, in, kh, kw],
+    ``B`` [out, r, 1, 1]) or ``embedding`` (``A`` [r, n_tokens], ``B`` [dim, r];
+    ``dE = s A^T B^T``).
+    ``alpha`` is the module's ``lora_alpha``.
+    """
+
+    a: Tensor
+    b: Tensor
+    scaling: float
+    alpha: float
+    kind: str
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def norm(self) -> float:
+        """``||scaling * B A||_F`` from the two ``r x r`` Grams, without forming ``B A``."""
+        a = self.a.double().reshape(self.rank, -1)
+        b = self.b.double().reshape(self.b.shape[0], self.rank)
+        return abs(self.scaling) * float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
+    def dense(self) -> Tensor:
+        """The full update ``dW`` of this one module (for merging into weights), in float64."""
+        a, b = self.a.double(), self.b.double()
+        if self.kind == "embedding":
+            return self.scaling * (a.T @ b.T)
+        if self.kind == "conv":
+            return self.scaling * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        return self.scaling * (b @ a)
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """A LoRA adapter read against its base model.
+
+    ``modules``: source module name -> factors; ``saved``: the ``modules_to_save`` parameters
+    (full tensors) by source parameter name; ``config``: the adapter's ``LoraConfig``.
+    """
+
+    config: Any
+    modules: Mapping[str, LoraFactors]
+    saved: Mapping[str, Tensor]
+    origin: str
+
+
+def is_adapter(obj: Any) -> bool:
+    """A PEFT adapter folder (or its ``adapter_config.json``), or a model carrying ``peft_config``
+    (a ``PeftModel``); cheap, imports nothing."""
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj)
+        return path.name == ADAPTER_CONFIG or (path / ADAPTER_CONFIG).is_file()
+    return isinstance(obj, nn.Module) and isinstance(getattr(obj, "peft_config", None), Mapping)
+
+
+def read_adapter(adapter: Any, source: nn.Module, adapter_name: str | None = None) -> LoraSource:
+    """The LoRA factors and ``modules_to_save`` of ``adapter`` (a folder or a PEFT model), named
+    as ``source``'s modules and checked against their shapes."""
+    if isinstance(adapter, (str, os.PathLike)):
+        config, state, origin = _read_folder(Path(adapter))
+    elif is_adapter(adapter):
+        from peft import get_peft_model_state_dict
+
+        name = adapter_name or active_adapter(adapter)
+        if name not in adapter.peft_config:
+            raise ValueError(f"the PEFT model has no adapter {name!r}; its adapters are "
+                             f"{sorted(adapter.peft_config)}.")
+        config, origin = adapter.peft_config[name], f"PEFT model adapter {name!r}"
+        check_config(config, origin)
+        state = get_peft_model_state_dict(adapter, adapter_name=name)
+    else:
+        raise TypeError(f"a LoRA adapter is a PEFT adapter folder (adapter_config.json + "
+                        f"adapter_model.safetensors) or a peft.PeftModel, got "
+                        f"{type(adapter).__name__}.")
+    return _parse(config, {k: v.detach().cpu() for k, v in state.items()}, source, origin)
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The one active adapter of a PEFT model (several need ``adapter_name``)."""
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        active = active[0] if len(active) == 1 else None
+    if not isinstance(active, str):
+        names = sorted(getattr(model, "peft_config", {}))
+        if len(names) != 1:
+            raise ValueError(f"the PEFT model has several adapters {names} and no single active "
+                             "one; pass adapter_name=...")
+        active = names[0]
+    return active
+
+
+def _read_folder(path: Path) -> tuple[Any, dict[str, Tensor], str]:
+    if path.name == ADAPTER_CONFIG:
+        path = path.parent
+    if not path.is_dir() or not (path / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}; pass the folder "
+            "that PeftModel.save_pretrained wrote.")
+    from peft import PeftConfig
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
+
+    origin = f"adapter {path}"
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except Exception as err:  # json, unknown peft_type, bad fields: peft raises many types
+        raise ValueError(f"could not read {path / ADAPTER_CONFIG}: {type(err).__name__}: {err}; "
+                         "the adapter config is damaged: write it again with "
+                         "PeftModel.save_pretrained.") from err
+    check_config(config, origin)
+    if not any((path / n).is_file() for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise FileNotFoundError(f"{origin} has no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME});"
+                                " copy the whole adapter folder.")
+    try:
+        state = load_peft_weights(str(path), device="cpu")
+    except Exception as err:  # safetensors and torch raise their own types
+        raise ValueError(f"could not read the weights of {origin}: {type(err).__name__}: {err}; "
+                         "the file is damaged or incomplete: save the adapter again with "
+                         "PeftModel.save_pretrained.") from err
+    return config, state, origin
+
+
+# Config fields whose adapters the factor rules cannot move, with why and what to do instead.
+_MERGE = ("merge the adapter into its base model (PeftModel.merge_and_unload()) and pass the "
+          "merged model as a full fine-tuned source")
+_UNSUPPORTED = (
+    ("use_dora", "DoRA (use_dora=True) rescales every output channel by the norm of the merged "
+     "weight, which no map moves exactly"),
+    ("fan_in_fan_out", "fan_in_fan_out=True (GPT-2 style Conv1D layers): no warmstart family "
+     "describes those layers"),
+    ("lora_bias", "lora_bias=True adds a bias to every B factor, which the adapter output rules "
+     "do not move"),
+    ("use_qalora", "QALoRA (use_qalora=True) pools the inputs of A"),
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens) activates only after its "
+     "invocation tokens"),
+    ("layer_replication", "layer_replication builds a model whose layers the family cannot see"),
+    ("target_parameters", "target_parameters puts LoRA on bare parameters (e.g. MoE experts)"),
+    ("trainable_token_indices", "trainable_token_indices trains single embedding rows"),
+    ("use_bdlora", "BD-LoRA (use_bdlora) constrains the factors to blocks"),
+)
+
+
+def check_config(config: Any, origin: str) -> None:
+    """Only plain LoRA (optionally rsLoRA, rank/alpha patterns, modules_to_save) is moved."""
+    kind = getattr(config.peft_type, "value", config.peft_type)
+    if kind != "LORA":
+        raise ValueError(
+            f"{origin} is a {kind} adapter; warmstart moves LoRA adapters (peft_type LORA) only: "
+            f"the parameters of {kind} have no counterpart in the model's coordinate spaces. "
+            f"Use a LoRA adapter, or {_MERGE} if the method can be merged.")
+    bias = getattr(config, "bias", "none")
+    found = [why for field, why in _UNSUPPORTED if getattr(config, field, None)]
+    if bias != "none":
+        found.append(f"bias={bias!r} trains the base model's biases")
+    if found:
+        raise ValueError(f"{origin} cannot be moved as LoRA factors: {'; '.join(found)}. "
+                         f"Instead, {_MERGE}.")
+
+
+def _parse(config: Any, state: dict[str, Tensor], source: nn.Module, origin: str) -> LoraSource:
+    if all(k.startswith(_PEFT_PREFIX) for k in state):
+        state = {k[len(_PEFT_PREFIX):]: v for k, v in state.items()}
+    parts: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    embedding: set[str] = set()
+    rest: dict[str, Tensor] = {}
+    for key, value in state.items():
+        for suffix, field in _FACTOR_KEYS:
+            if key.endswith(suffix):
+                parts[key[:-len(suffix)]][field] = value
+                if "embedding" in suffix:
+                    embedding.add(key[:-len(suffix)])
+                break
+        else:
+            rest[key] = value
+    if not parts and not rest:
+        raise ValueError(f"{origin} holds no LoRA factors; is it an empty or damaged adapter?")
+    half = sorted(m for m, p in parts.items() if set(p) != {"a", "b"})
+    if half:
+        raise ValueError(f"{origin} is damaged: module(s) {half[:_SHOWN]} have only one of the "
+                         "two LoRA factors (A and B); save the adapter again.")
+    saved_modules = list(getattr(config, "modules_to_save", None) or [])
+    stray = sorted(k for k in rest if not any(_under(k, m) for m in saved_modules))
+    if stray:
+        raise ValueError(f"{origin} holds entries {stray[:_SHOWN]} that are neither LoRA factors "
+                         f"nor parameters of its modules_to_save {saved_modules}; it is damaged "
+                         "or not a LoRA adapter.")
+    names = _aligned([*parts, *rest], source, origin)
+    modules = {names[m]: _factors(config, m, p, names[m], m in embedding, source, origin)
+               for m, p in parts.items()}
+    params = dict(source.state_dict())
+    saved = {}
+    for key, value in rest.items():
+        want = params[names[key]]
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(f"{origin} was trained on another base model: its modules_to_save "
+                             f"entry {key!r} has shape {tuple(value.shape)}, the source's "
+                             f"{names[key]!r} has {tuple(want.shape)}. Pass the base model the "
+                             "adapter was trained on as source_pretrained.")
+        saved[names[key]] = value
+    return LoraSource(config, modules, saved, origin)
+
+
+def _under(key: str, module: str) -> bool:
+    return key.startswith(module + ".") or f".{module}." in key
+
+
+def _aligned(keys: list[str], source: nn.Module, origin: str) -> dict[str, str]:
+    """Adapter names -> source names: as they are, or with a wrapper prefix removed or added (an
+    adapter trained on ``BertForSequenceClassification`` read against its ``BertModel``)."""
+    known = {n for n, _ in source.named_modules()} | set(source.state_dict())
+    tops = sorted({n.split(".", 1)[0] for n in known if "." in n})
+    candidates = [lambda k: k]
+    for cut in (1, 2):
+        candidates.append(lambda k, c=cut: k.split(".", c)[-1] if k.count(".") >= c else k)
+    candidates += [lambda k, t=t: f"{t}.{k}" for t in tops]
+    best = max(candidates, key=lambda f: sum(f(k) in known for k in keys))
+    missing = sorted(k for k in keys if best(k) not in known)
+    if missing:
+        raise ValueError(
+            f"{origin} was trained on another base model: {len(missing)} of its modules are not "
+            f"in the source model {type(source).__name__} ({', '.join(missing[:_SHOWN])}"
+            f"{', ...' if len(missing) > _SHOWN else ''}). Pass the base model the adapter was "
+            "trained on (the same class, e.g. its *ForSequenceClassification) as "
+            "source_pretrained.")
+    return {k: best(k) for k in keys}
+
+
+def _factors(config, key: str, part: Mapping[str, Tensor], name: str, embedding: bool,
+             source: nn.Module, origin: str) -> LoraFactors:
+    from peft.utils.other import get_pattern_key
+
+    a, b = part["a"], part["b"]
+    module = source.get_submodule(name)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Embedding) or embedding:
+        kind, want_a, want_b = "embedding", (a.shape[0], *weight.shape[:1]), (weight.shape[1],)
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        kind, want_a, want_b = "conv", (a.shape[0], *weight.shape[1:]), (weight.shape[0],)
+    elif isinstance(module, nn.Linear):
+        kind, want_a, want_b = "linear", (a.shape[0], weight.shape[1]), (weight.shape[0],)
+    else:
+        raise ValueError(f"{origin}: module {name!r} is a {type(module).__name__}; warmstart "
+                         "moves LoRA on nn.Linear, convolutions and nn.Embedding only.")
+    if tuple(a.shape) != want_a or tuple(b.shape[:1]) != want_b or b.shape[1] != a.shape[0]:
+        raise ValueError(
+            f"{origin} was trained on another base model: module {name!r} has LoRA factors A "
+            f"{tuple(a.shape)} and B {tuple(b.shape)}, which do not fit its weight "
+            f"{tuple(weight.shape)}. Pass the base model the adapter was trained on as "
+            "source_pretrained.")
+    rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config.r)
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), key), config.lora_alpha)
+    if int(r) != a.shape[0]:
+        raise ValueError(f"{origin} is inconsistent: its config gives module {key!r} rank {r}, "
+                         f"its weights rank {a.shape[0]}; save the adapter again.")
+    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    return LoraFactors(a, b, float(scaling), float(alpha), kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving an adapter
+
+
+@dataclass(frozen=True)
+class LoraModuleReport:
+    """One target module's moved LoRA: rank, scale and ``||s B A||`` before and after (alpha
+    included after)."""
+
+    name: str
+    source: str
+    kind: str
+    rank: int
+    scaling: float
+    norm_source: float
+    norm_target: float
+    space_out: str | None = None
+    space_in: str | None = None
+    residual_out: float | None = None
+    residual_in: float | None = None
+
+
+@dataclass(frozen=True)
+class MovedAdapter:
+    """The adapter moved into the target, nothing written yet.
+
+    ``modules``: target module -> factors (``alpha`` already in ``B``, scaling as the source's);
+    ``saved``: the target's ``modules_to_save`` parameters, full new values (alpha applied);
+    ``deltas`` / ``values`` / ``log_scales``: the same as an update (alpha not applied) for
+    writing into weights.
+    """
+
+    modules: Mapping[str, LoraFactors]
+    saved: Mapping[str, Tensor]
+    saved_modules: tuple[str, ...]
+    deltas: Mapping[str, Tensor]
+    values: Mapping[str, Tensor]
+    log_scales: Mapping[str, Tensor]
+    module_reports: tuple[LoraModuleReport, ...]
+    param_reports: tuple[ParamReport, ...]
+    maps: Mapping[Any, ProcrustesMap]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
+                 layout_s: ModelLayout, layout_t: ModelLayout, matching: Matching,
+                 calibration, target_calibration, options: TransportOptions, alpha: float,
+                 progress: bool = True, target_state: Mapping[str, Tensor] | None = None,
+                 timings: dict[str, float] | None = None,
+                 check: Callable[[list[str]], None] | None = None) -> MovedAdapter:
+    """Move every LoRA module and ``modules_to_save`` parameter of ``lora`` into ``target``.
+
+    ``target_state`` gives the target's tensors by the names of ``layout_t`` when they differ
+    from ``target.state_dict()`` (a target already wrapped by PEFT); ``check(target modules)``
+    runs before any statistics are gathered, to refuse early.
+    """
+    timings = {} if timings is None else timings
+    state_t = dict(target_state) if target_state is not None else target.state_dict()
+    method = options.method
+    skipped: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = []
+    lora_pairs, saved_pairs = _pairs(lora, layout_s, layout_t, matching, options, skipped,
+                                     problems)
+    if problems and options.strict:
+        listed = "; ".join(f"{n}: {r}" for n, r in problems[:_SHOWN])
+        raise ValueError(
+            f"{len(problems)} part(s) of {lora.origin} cannot be moved into the target "
+            f"({layout_t.family}): {listed}{' ...' if len(problems) > _SHOWN else ''}. Pass "
+            "strict=False to leave them out (they are listed in the report), or choose a target "
+            "of a compatible family.")
+    skipped += problems
+    if check is not None:
+        check(sorted(lora_pairs))
+    all_pairs = [pp for pairs in lora_pairs.values() for pp in pairs] + saved_pairs
+    maps: dict[Any, ProcrustesMap] = {}
+    if method != "slice" and all_pairs:
+        needed = {k for pp in all_pairs for k in (pp.target.space_in, pp.target.space_out) if k}
+        fixed = {k for k in needed if getattr(layout_t.space(k), "fixed", False)}
+        if needed - fixed:
+            maps, _ = compute_maps(source, target, layout_s, layout_t, matching, needed - fixed,
+                                   calibration, target_calibration, options, progress, timings)
+        finetuned = _saved_values(lora, saved_pairs, source)
+        for key in sorted(fixed, key=str):
+            maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs, finetuned,
+                                        maps, options.head_hidden)
+    modules, module_reports = {}, []
+    for name_t, pairs in sorted(lora_pairs.items()):
+        factors = lora.modules[module_of(pairs[0].source.name)]
+        moved = _move_factors(name_t, factors, pairs, maps, method, state_t, alpha)
+        modules[name_t] = moved
+        role = pairs[0].target
+        t_out, t_in = maps.get(role.space_out), maps.get(role.space_in)
+        module_reports.append(LoraModuleReport(
+            name_t, module_of(pairs[0].source.name), factors.kind, factors.rank,
+            factors.scaling, factors.norm(), moved.norm(),
+            str(role.space_out) if role.space_out else None,
+            str(role.space_in) if role.space_in else None,
+            t_out.residual if t_out else None, t_in.residual if t_in else None))
+    deltas, values, scales, reports = {}, {}, {}, ()
+    if saved_pairs:
+        finetuned = _saved_values(lora, saved_pairs, source)
+        pretrained = source.state_dict()
+        tau = {k: v.double() - pretrained[k].detach().cpu().double() for k, v in finetuned.items()}
+        deltas, values, scales, reports = _transport_params(
+            saved_pairs, tau, finetuned, _StateView(state_t), maps, method, {})
+    saved, saved_modules = _saved_state(deltas, values, scales, state_t, alpha)
+    return MovedAdapter(modules, saved, saved_modules, deltas, values, scales,
+                        tuple(module_reports), tuple(reports), maps, tuple(skipped))
+
+
+class _StateView:
+    """What :func:`.update._transport_params` reads of a target: its state dict (here possibly by
+    the names of the unwrapped model, for a target already wrapped by PEFT)."""
+
+    def __init__(self, state: Mapping[str, Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> Mapping[str, Tensor]:
+        return self._state
+
+
+def _pairs(lora: LoraSource, layout_s: ModelLayout, layout_t: ModelLayout, matching: Matching,
+           options: TransportOptions, skipped: list, problems: list
+           ) -> tuple[dict[str, list[ParamPairing]], list[ParamPairing]]:
+    """Target module -> its (target role, source role) pairs of LoRA weights, and the pairs of
+    ``modules_to_save`` parameters; what cannot move goes to ``problems`` (refused when strict)
+    or ``skipped`` (an explicit choice)."""
+    roles_s: dict[str, list[ParamRole]] = defaultdict(list)
+    for p in layout_s.params:
+        roles_s[p.name].append(p)
+    for name in lora.modules:
+        found = roles_s.get(f"{name}.weight", [])
+        if not found:
+            problems.append((name, f"no rule of the source family ({layout_s.family}) describes "
+                                   "this LoRA module"))
+        for role in found:
+            if role.rule in HEAD_RULES:
+                raise ValueError(
+                    f"{lora.origin} puts LoRA on the task head {name!r}; the target's head is new "
+                    "(its weights are unrelated to the source's), so it needs the whole trained "
+                    "head, not a low-rank change of another one. Train the head as "
+                    "modules_to_save (PEFT's task_type='SEQ_CLS' does that) instead.")
+            if role.rule not in _KINDS:
+                raise ValueError(f"{lora.origin}: LoRA module {name!r} plays {role.role!r} (rule "
+                                 f"{role.rule!r}), which has no LoRA rule.")
+    missing = sorted(n for n in lora.saved if n not in roles_s)
+    problems += [(n, f"no rule of the source family ({layout_s.family}) describes this "
+                     "modules_to_save parameter") for n in missing]
+    used_blocks = set(matching.block_map.values())
+    by_target: dict[str, list[ParamPairing]] = defaultdict(list)
+    saved_pairs: list[ParamPairing] = []
+    seen: set[str] = set()
+    head_saved = any(p.rule == "head" for n in lora.saved for p in roles_s.get(n, []))
+    for pp in matching.params:
+        name_s = module_of(pp.source.name)
+        if pp.source.name.endswith(".weight") and name_s in lora.modules:
+            seen.add(name_s)
+            reason = _left_out(pp.target, options)
+            if reason:
+                skipped.append((_display_name(pp.target), reason))
+            else:
+                by_target[module_of(pp.target.name)].append(pp)
+        elif pp.source.name in lora.saved or (head_saved and pp.target.rule in HEAD_RULES):
+            seen.add(pp.source.name)
+            if options.method != "head_only" or pp.target.rule in HEAD_RULES:
+                saved_pairs.append(pp)
+    for name in [*lora.modules, *lora.saved]:
+        if name in seen or name in missing:
+            continue
+        blocks = {p.block for p in roles_s.get(f"{name}.weight", roles_s.get(name, []))}
+        if blocks and blocks.isdisjoint(used_blocks) and None not in blocks:
+            skipped.append((name, "no target block is paired with its source block (depth "
+                                  "mapping): it is left out"))
+        else:
+            problems.append((name, f"the target ({layout_t.family}) has no matching role"))
+    for name_t, pairs in by_target.items():
+        sources = {module_of(pp.source.name) for pp in pairs}
+        if len(sources) > 1:
+            raise ValueError(f"target module {name_t!r} would combine the LoRA of several source "
+                             f"modules {sorted(sources)}; warmstart moves one LoRA per module.")
+    return by_target, saved_pairs
+
+
+def _left_out(role: ParamRole, options: TransportOptions) -> str | None:
+    if options.method == "head_only":
+        return "no LoRA: method='head_only' moves only the task head"
+    if role.rule == "embedding" and options.embeddings == "zero":
+        return "no LoRA: embeddings='zero' (the method's default; embeddings='map' moves it)"
+    return None
+
+
+def _saved_values(lora: LoraSource, pairs: list[ParamPairing], source: nn.Module
+                  ) -> dict[str, Tensor]:
+    """The fine-tuned values the ``modules_to_save`` pairs read: the adapter's, and for the
+    rest of a head that moves as a whole (a pooler the adapter left alone) the source's own."""
+    pretrained = source.state_dict()
+    out = {}
+    for pp in pairs:
+        name = pp.source.name
+        out[name] = lora.saved[name] if name in lora.saved else pretrained[name].detach().cpu()
+    return out
+
+
+def _move_factors(name_t: str, f: LoraFactors, pairs: list[ParamPairing],
+                  maps: Mapping[Any, ProcrustesMap], method: str, state_t: Mapping[str, Tensor],
+                  alpha: float) -> LoraFactors:
+    """``A' = A T_in`` (per tap for a convolution) and ``B' = alpha T_out^T B`` row block by row
+    block (fused projections), in float64 on the maps' device, returned in the adapter's dtype."""
+    role = pairs[0].target
+    shape = tuple(state_t[role.name].shape)
+    in_spaces = {pp.target.space_in for pp in pairs}
+    if len(in_spaces) > 1:
+        raise ValueError(f"{name_t}: its row blocks read different input spaces {in_spaces}.")
+    ref = next(iter(maps.values())).map if maps else None
+    device = ref.device if ref is not None else torch.device("cpu")
+    a, b = f.a.to(device, torch.float64), f.b.to(device, torch.float64)
+    if f.kind == "embedding":
+        if shape[0] != a.shape[1]:
+            raise ValueError(f"{name_t}: the source embedding LoRA covers {a.shape[1]} tokens, "
+                             f"the target table has {shape[0]}; the vocabularies differ.")
+        new_a = a
+    elif method == "slice":
+        new_a = rules.crop_pad(a, (f.rank, *shape[1:]))
+    else:
+        t_in = maps[role.space_in].map
+        new_a = (a @ t_in if f.kind == "linear"
+                 else torch.einsum("rikl,it->rtkl", a, t_in))
+    out_dim = shape[1] if f.kind == "embedding" else shape[0]
+    new_b = torch.zeros((out_dim, *b.shape[1:]), dtype=torch.float64, device=device)
+    for pp in pairs:
+        rows_t = pp.target.rows or (0, out_dim)
+        rows_s = pp.source.rows or (0, b.shape[0])
+        block = b[rows_s[0]:rows_s[1]]
+        if method == "slice":
+            moved = rules.crop_pad(block, (rows_t[1] - rows_t[0], *block.shape[1:]))
+        else:
+            t_out = maps[pp.target.space_out].map
+            moved = torch.einsum("st,sr...->tr...", t_out, block)
+        new_b[rows_t[0]:rows_t[1]] = moved
+    dtype = f.a.dtype
+    return LoraFactors(new_a.cpu().to(dtype), (alpha * new_b).cpu().to(dtype), f.scaling,
+                       f.alpha, f.kind)
+
+
+def _saved_state(deltas, values, scales, state_t: Mapping[str, Tensor], alpha: float
+                 ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """The full new state of every target module that ``modules_to_save`` covers (a parent
+    module when all its parameters change, e.g. a two-layer head), alpha applied, in the
+    target's dtypes."""
+    new: dict[str, Tensor] = {}
+    for name, delta in deltas.items():
+        current = state_t[name]
+        new[name] = (current.detach().double().cpu() + alpha * delta.cpu()).to(current.dtype)
+    for name, value in values.items():
+        new[name] = value.cpu().to(state_t[name].dtype)
+    for name, scale in scales.items():
+        current = state_t[name]
+        new[name] = (current.detach().double().cpu() * torch.exp(alpha * scale.cpu())
+                     ).to(current.dtype)
+    modules = {module_of(n) for n in new}
+    changed = set(new)
+    while True:  # climb to a parent whose parameters all change
+        grown = set()
+        for m in modules:
+            parent = module_of(m)
+            if not parent:
+                grown.add(m)
+                continue
+            owned = [n for n in state_t if n.startswith(parent + ".")]
+            grown.add(parent if owned and all(n in changed for n in owned) else m)
+        grown = {m for m in grown if not any(m.startswith(o + ".") for o in grown if o != m)}
+        if grown == modules:
+            break
+        modules = grown
+    state = {}
+    for m in sorted(modules):
+        for n, v in state_t.items():
+            if n.startswith(m + "."):
+                state[n] = new.get(n, v.detach().cpu().clone())
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the moved value of {name} is not finite; check alpha and the "
+                             "calibration data.")
+    return state, tuple(sorted(modules))
