@@ -176,6 +176,66 @@ def test_bert_classifier_adapter_moves_exactly_into_a_widened_bert(tmp_path):
     assert written["summary"]["lora_modules"] == 10.0
 
 
+def _llama(d: int, inter: int, eps: float):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=d, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=100, max_position_embeddings=64,
+        rms_norm_eps=eps, tie_word_embeddings=False)).eval()
+
+
+def _widen_llama(source: nn.Module, seed: int = 5) -> nn.Module:
+    """Twice as wide, same heads: the stream embedded by a signed partial permutation ``P``
+    (RMSNorm gains ``|P|``-mapped times sqrt(d_s/d_t), eps times d_s/d_t), the SwiGLU hidden
+    units by a partial permutation; attention keeps its widths."""
+    cfg = source.config
+    d, di = cfg.hidden_size, cfg.intermediate_size
+    target = _llama(2 * d, 2 * di, cfg.rms_norm_eps / 2)
+    g = torch.Generator().manual_seed(seed)
+    p, h = _partial_permutation(d, 2 * d, g, signed=True), _partial_permutation(di, 2 * di, g)
+    new = dict(target.state_dict())
+    for name, v in source.state_dict().items():
+        if "norm" in name:
+            new[name] = (v @ p.abs()) * 0.5 ** 0.5
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            new[name] = v @ p
+        elif name.endswith("o_proj.weight"):
+            new[name] = p.T @ v
+        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+            new[name] = h.T @ v @ p
+        elif name.endswith("down_proj.weight"):
+            new[name] = p.T @ v @ h
+        else:  # token embeddings and the LM head, along the stream
+            new[name] = v @ p
+    target.load_state_dict(new)
+    return target
+
+
+def test_gqa_llama_adapter_moves_exactly_into_a_widened_llama(tmp_path):
+    torch.manual_seed(0)
+    source = _llama(32, 64, 1e-5)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p)).abs_()
+    target = _widen_llama(source)
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                    target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    g = torch.Generator().manual_seed(2)
+    calibration = [{"input_ids": torch.randint(0, 100, (8, 12), generator=g)} for _ in range(3)]
+    report = transport_adapter(source, adapter, target, calibration, tmp_path / "a",
+                               progress=False)
+    assert report.target_family == "hf_decoder" and len(report.modules) == 10
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
+    assert {m.r["default"] for m in loaded.modules() if hasattr(m, "r")} == {4}
+    ids = torch.randint(0, 100, (4, 10), generator=g)
+    with torch.no_grad():
+        expected = adapter(input_ids=ids).logits
+        assert (expected - source(ids).logits).abs().max() > 0.1
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+
 def test_patterns_rslora_and_alpha_go_into_the_factors(tmp_path):
     source = _bert(BertModel)
     target, e = _widen_bert(source)
