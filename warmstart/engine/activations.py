@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .families.base import ModelLayout, Point, SequenceInfo, SpaceKey
 from .procrustes import CrossStatistics
 from .progress import progress_bar
+from .token_alignment import TokenAlignment, align_tokens
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,15 @@ def _slice(act: Tensor, point: Point) -> Tensor:
 
 
 def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_info: SequenceInfo,
-              layout: str, where: str = "") -> tuple[Tensor, Tensor]:
+              layout: str, where: str = "", alignment: TokenAlignment | None = None
+              ) -> tuple[Tensor, Tensor]:
     """Paired rows ``([n_rows, d_source], [n_rows, d_target])`` from two activations of one batch.
 
     ``channels`` maps [B, C, H, W] are paired per spatial position after resizing the source map
     to the target's size; ``last`` activations [B, D] pair per example and [B, N, D] per token:
     by the attention masks (padding excluded), by class token and resized patch grid (ViT), or one
-    to one when the token counts are equal.
+    to one when the token counts are equal. Text tokens pair as ``alignment`` says (default:
+    ``align_tokens(source_info, target_info)``): one to one, by character offsets or per example.
     """
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"{where}: source batch has {source.shape[0]} examples, target "
@@ -131,6 +134,9 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
         raise ValueError(f"{where}: cannot pair activations of shapes {tuple(source.shape)} and "
                          f"{tuple(target.shape)}; expected [B, D] or [B, N, D] on both sides.")
     if source_info.mask is not None and target_info.mask is not None:
+        alignment = alignment or align_tokens(source_info, target_info)
+        if alignment.kind != "one_to_one":
+            return alignment.rows(source, target, where)
         return _pair_masked(source, target, source_info.mask, target_info.mask, where)
     if source_info.grid is not None and target_info.grid is not None:
         return _pair_grid(source, target, source_info, target_info)
@@ -153,7 +159,9 @@ def _pair_masked(source: Tensor, target: Tensor, mask_s: Tensor, mask_t: Tensor,
             f"{where}: token counts differ between source and target for examples {bad} "
             f"(source {counts_s[bad].tolist()}, target {counts_t[bad].tolist()}); tokens can "
             "only be paired one to one when both tokenizers split the text identically. Use the "
-            "same tokenizer for both models, or calibrate with pooled features."
+            "same tokenizer for both models, or pair tokens by character offsets (both sides "
+            "tokenized by fast tokenizers with return_offsets_mapping=True), or set "
+            "token_pairing='example' to pair mean-pooled examples."
         )
     return source[mask_s.to(source.device)], target[mask_t.to(target.device)]
 
@@ -242,20 +250,29 @@ def collect_statistics(
     with_grams: bool = False,
     max_batches: int | None = None,
     progress: bool = True,
+    accumulators: Mapping[SpaceKey, Any] | None = None,
+    token_pairing: str = "auto",
+    pairings_used: dict[str, int] | None = None,
 ) -> dict[SpaceKey, CrossStatistics]:
     """Float64 cross statistics for every pairing, keyed by target space.
 
     ``calibration`` yields model inputs (a tensor, or a mapping of keyword tensors) for both models;
     ``target_calibration``, when given, yields the target's own inputs for the same examples (e.g.
     its own tokenization). Memory is O(sum of d_source x d_target) plus one batch of source
-    activations, whatever the number of batches.
+    activations, whatever the number of batches. ``accumulators`` replace the cross statistics
+    of some pairings by other sums with the same ``update(a, b)`` / ``tensors()`` interface (the
+    norm gains' :class:`~.gains.GainStatistics`). Text token rows pair by ``token_pairing`` (see
+    :mod:`.token_alignment`); ``pairings_used``, when given, counts the batches per pairing.
     """
     pairings = list(pairings)
     device_t = model_device(target)
     stats = {p.target_space: CrossStatistics(p.d_source, p.d_target, with_grams, device_t)
-             for p in pairings}
+             for p in pairings if p.target_space not in (accumulators or {})}
+    stats.update(accumulators or {})
     stored: dict[tuple[str, str], Tensor] = {}
+    consumed: set[tuple[str, str]] = set()
     infos: dict[str, SequenceInfo] = {}
+    alignment: list[TokenAlignment | None] = [None]  # this batch's token pairing
     consumers: dict[tuple[str, str], list] = defaultdict(list)
     for p in pairings:
         for point_s, point_t in p.points:
@@ -272,12 +289,17 @@ def collect_statistics(
     def store(key):
         def fn(act: Tensor) -> None:
             check_finite(act, "source", key)
-            stored[key] = act.detach()
+            # a module called again in one forward pass (DeBERTa-v3's query/key projections
+            # also project the relative position embeddings) is observed at its first call
+            stored.setdefault(key, act.detach())
         return fn
 
     def consume(key):
         def fn(act: Tensor) -> None:
             check_finite(act, "target", key)
+            if key in consumed:  # its first call only, as on the source side
+                return
+            consumed.add(key)
             for acc, point_s, point_t, space in consumers[key]:
                 where = (f"{space} ({point_s.module}:{point_s.side} -> "
                          f"{point_t.module}:{point_t.side})")
@@ -285,8 +307,13 @@ def collect_statistics(
                     raise ValueError(f"{where}: the source layer produced no activation in this "
                                      "batch; it is not on the source model's forward path.")
                 src = _slice(stored[(point_s.module, point_s.side)], point_s).to(act.device)
-                a, b = pair_rows(src, _slice(act.detach(), point_t), infos["source"],
-                                 infos["target"], point_t.layout, where)
+                # the batch's alignment pairs its main token sequence; another one (a
+                # decoder's, named by the points) pairs by its own layout
+                main = point_s.sequence is None and point_t.sequence is None
+                a, b = pair_rows(src, _slice(act.detach(), point_t),
+                                 infos["source"].of(point_s.sequence),
+                                 infos["target"].of(point_t.sequence), point_t.layout, where,
+                                 alignment[0] if main else None)
                 acc.update(a, b)
         return fn
 
@@ -301,9 +328,13 @@ def collect_statistics(
                                                        move_to(batch_s, source))
             inputs_t, infos["target"] = prepare_inputs(target, target_layout,
                                                        move_to(batch_t, target))
+            alignment[0] = align_tokens(infos["source"], infos["target"], token_pairing)
+            if alignment[0] is not None and pairings_used is not None:
+                pairings_used[alignment[0].kind] = pairings_used.get(alignment[0].kind, 0) + 1
             run_batch(source, inputs_s, "source", n_batches)
             run_batch(target, inputs_t, "target", n_batches)
             stored.clear()
+            consumed.clear()
             n_batches += 1
     if n_batches == 0:
         raise ValueError("the calibration data yielded no batches; pass a non-empty iterable of "

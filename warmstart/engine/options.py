@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from .matching import check_depth_mapping
 from .procrustes import check_solver
+from .token_alignment import TokenPairing, check_token_pairing
 
 Method = Literal["theseus", "slice", "head_only"]
 METHODS = ("theseus", "slice", "head_only")
@@ -48,9 +49,22 @@ class TransportOptions:
             (``zero``).
         embeddings: token/position/patch embeddings get a zero delta (``zero``, the method's
             default) or have their feature dimension mapped (``map``).
+        gains: norm gains and layer scales move by a per-channel regression of the target's
+            normalised features on the mapped source ones (``regression``, exact under
+            signed permutations and channel duplications of a widened stream) or by the diagonal
+            of the mapped operator alone (``diagonal``, no extra statistics).
+        head_hidden: the hidden units of a two-layer task head (``dense -> tanh -> out``) keep
+            their identity (``units``: target unit i is source unit i; when the target has fewer,
+            the source units with the largest output weights) or take the last residual
+            stream's map (``stream``).
         depth_mapping: source block index for every target block (default: relative depth).
         bn_recalibration: after the update, re-estimate BatchNorm running statistics from this
             many calibration batches (0: off).
+        token_pairing: how text token rows of the two models pair: ``one_to_one`` (both
+            tokenizers split identically), ``offsets`` (each target token with the mean of the
+            source tokens covering its characters; needs fast tokenizers' ``offset_mapping``),
+            ``example`` (mean-pooled examples), or ``auto`` (one to one when the splits agree,
+            else ``offsets``).
         strict: refuse parameters that cannot be matched (``False``: give them a zero delta and
             list them in the report).
         source_family: family adapter of the source (default: detected).
@@ -68,8 +82,11 @@ class TransportOptions:
     solver: Literal["auto", "svd", "eigh"] = "auto"
     depthwise: Literal["diagonal", "zero"] = "diagonal"
     embeddings: Literal["zero", "map"] = "zero"
+    gains: Literal["regression", "diagonal"] = "regression"
+    head_hidden: Literal["units", "stream"] = "units"
     depth_mapping: tuple[int, ...] | dict[int, int] | None = None
     bn_recalibration: int = 0
+    token_pairing: TokenPairing = "auto"
     strict: bool = True
     source_family: str | None = None
     target_family: str | None = None
@@ -92,7 +109,9 @@ class TransportOptions:
         if not _is_number(self.whiten) or not 0.0 <= self.whiten <= 0.5:
             raise ValueError(f"whiten must be a power in [0, 0.5], got {self.whiten!r}.")
         for name, allowed in (("completion", ("none", "crop")), ("depthwise", ("diagonal", "zero")),
-                              ("embeddings", ("zero", "map"))):
+                              ("embeddings", ("zero", "map")),
+                              ("head_hidden", ("units", "stream")),
+                              ("gains", ("regression", "diagonal"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         for name in ("center", "strict"):
@@ -108,6 +127,7 @@ class TransportOptions:
                              f"batches >= 1, got {self.calibration_batches!r}.")
         if not _is_number(self.rank_rtol) or not 0.0 <= self.rank_rtol < 1.0:
             raise ValueError(f"rank_rtol must be in [0, 1), got {self.rank_rtol!r}.")
+        check_token_pairing(self.token_pairing)
 
     def replace(self, **changes: Any) -> TransportOptions:
         """A copy with ``changes``; an unknown name gets an error listing the options."""

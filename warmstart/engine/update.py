@@ -10,15 +10,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import rules
-from .activations import collect_statistics
+from . import gains, rules
+from .activations import SpacePairing, collect_statistics, model_device
 from .checks import _warn_zero
 from .families.base import ModelLayout, ParamRole, SpaceKey
+from .gains import GainStatistics
+from .head_hidden import HEAD_RULES, head_hidden_map
 from .heads import head_maps
 from .matching import Matching
 from .options import TransportOptions
 from .procrustes import ProcrustesMap, procrustes_map
 from .task_vector import as_state_dict, task_vector
+from .token_alignment import describe_pairings
 from .transport_report import MapReport, ParamReport
 
 
@@ -33,6 +36,7 @@ class Update:
     maps: tuple[MapReport, ...]
     skipped: tuple[tuple[str, str], ...]
     log_scales: Mapping[str, Tensor] | None = None  # variances: theta * exp(alpha * log_scale)
+    token_pairing: str = "none"  # how text token rows paired (token_alignment.describe_pairings)
 
 
 def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: ModelLayout,
@@ -46,7 +50,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     timings: dict[str, float] = {}
     opts, method = options, options.method
     pretrained = as_state_dict(source)
-    head_names = {p.name for p in layout_s.params if p.rule in ("head", "head_bias")}
+    head_names = {p.name for p in layout_s.params if p.rule in HEAD_RULES}
     tau = task_vector(pretrained, finetuned, ignore=head_names)
     _warn_zero(tau)
     skipped = _check_coverage(layout_s, layout_t, matching, tau, target, opts.embeddings,
@@ -59,42 +63,78 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
         else:
             skipped.append((_display_name(pp.target), reason))
     needed = {k for pp in pairs for k in (pp.target.space_in, pp.target.space_out) if k}
+    fixed = {k for k in needed if (space := layout_t.space(k)) is not None and space.fixed}
+    needed -= fixed
     maps: dict[SpaceKey, ProcrustesMap] = {}
+    gain_stats: dict[SpaceKey, GainStatistics] = {}
+    pairings_used: dict[str, int] = {}
     if method != "slice" and needed:
-        missing = sorted(str(k) for k in needed if k not in matching.spaces)
-        if missing:
-            raise ValueError(f"no paired activations observe the target spaces {missing}; the "
-                             "source and target adapters name no common points there.")
-        if calibration is None:
-            raise ValueError(f"method={method!r} needs calibration inputs; pass calibration=... "
-                             "(e.g. a DataLoader of unlabelled training inputs).")
-        t0 = time.perf_counter()
-        stats = collect_statistics(
-            source, target, layout_s, layout_t,
-            [matching.spaces[k] for k in sorted(needed, key=str)],
-            calibration, target_calibration, with_grams=opts.whiten > 0,
-            max_batches=opts.calibration_batches, progress=progress)
-        timings["statistics"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        maps = head_maps(stats, layout_s, layout_t, matching, opts)  # attention heads
-        for key in list(stats):  # each space's statistics are freed once its map exists
-            maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
-                                       completion=opts.completion, rank_rtol=opts.rank_rtol,
-                                       solver=opts.solver)
-        timings["maps"] = time.perf_counter() - t0
+        gain_pairings, accumulators = (_gain_pairings(pairs, tau, source, target, layout_s,
+                                                      layout_t) if opts.gains == "regression"
+                                       else ([], {}))
+        maps, gain_stats = compute_maps(
+            source, target, layout_s, layout_t, matching, needed, calibration,
+            target_calibration, opts, progress, timings, extra=gain_pairings,
+            accumulators=accumulators, pairings_used=pairings_used)
+    if method != "slice":
+        for key in sorted(fixed, key=str):
+            maps[key] = head_hidden_map(key, layout_t.space(key).width, pairs, finetuned, maps,
+                                        opts.head_hidden)
     t0 = time.perf_counter()
     deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,
-                                                        method)
+                                                        method, gain_stats)
     timings["rules"] = time.perf_counter() - t0
-    map_reports = tuple(_map_report(k, matching.spaces[k].source_space, m)
+    map_reports = tuple(_map_report(k, matching.spaces[k].source_space if k in matching.spaces
+                                    else k, m)
                         for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
     _warn_rank(map_reports, opts.completion)
-    return Update(deltas, values, reports, map_reports, tuple(skipped), scales), timings
+    return Update(deltas, values, reports, map_reports, tuple(skipped), scales,
+                  describe_pairings(pairings_used)), timings
+
+
+def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
+                 matching: Matching, needed, calibration, target_calibration,
+                 options: TransportOptions, progress: bool = True,
+                 timings: dict[str, float] | None = None, *, extra=(), accumulators=None,
+                 pairings_used: dict[str, int] | None = None):
+    """The maps of the target spaces ``needed`` from one pass over the calibration inputs.
+
+    ``extra`` pairings fold into ``accumulators`` in the same pass (e.g. gain regressions).
+    Returns ``(maps, extra statistics)``. Shared with the LoRA transport (:mod:`.lora`), which
+    needs the maps without a dense task vector.
+    """
+    timings = {} if timings is None else timings
+    opts, accumulators = options, accumulators or {}
+    missing = sorted(str(k) for k in needed if k not in matching.spaces)
+    if missing:
+        raise ValueError(f"no paired activations observe the target spaces {missing}; the "
+                         "source and target adapters name no common points there.")
+    if calibration is None:
+        raise ValueError(f"method={opts.method!r} needs calibration inputs; pass calibration=... "
+                         "(e.g. a DataLoader of unlabelled training inputs).")
+    t0 = time.perf_counter()
+    stats = collect_statistics(
+        source, target, layout_s, layout_t,
+        [matching.spaces[k] for k in sorted(needed, key=str)] + list(extra),
+        calibration, target_calibration, with_grams=opts.whiten > 0,
+        max_batches=opts.calibration_batches, progress=progress,
+        token_pairing=opts.token_pairing, pairings_used=pairings_used,
+        accumulators=accumulators)
+    timings["statistics"] = time.perf_counter() - t0
+    extra_stats = {key: stats.pop(key) for key in accumulators}
+    t0 = time.perf_counter()
+    maps = head_maps(stats, layout_s, layout_t, matching, opts)  # attention heads
+    for key in list(stats):  # each space's statistics are freed once its map exists
+        maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
+                                   completion=opts.completion, rank_rtol=opts.rank_rtol,
+                                   solver=opts.solver)
+    timings["maps"] = time.perf_counter() - t0
+    return maps, extra_stats
 
 
 def _left_out(role: ParamRole, method: str, depthwise: str, embeddings: str) -> str | None:
     """Why a matched parameter keeps the target's value (a zero delta), or None to transport it."""
-    if method == "head_only" and role.rule not in ("head", "head_bias"):
+    if method == "head_only" and role.rule not in HEAD_RULES:
         return "zero delta: method='head_only' transports only the task head"
     if role.rule == "embedding" and embeddings == "zero":
         return "zero delta: embeddings='zero' (the method's default)"
@@ -144,7 +184,25 @@ def _role_tensor(tensors: Mapping[str, Tensor], role: ParamRole) -> Tensor:
     return value
 
 
-def _transport_params(pairs, tau, finetuned, target, maps, method):
+def _gain_pairings(pairs, tau, source, target, layout_s, layout_t):
+    """Pairings of the norm layers whose gains change, with their regression accumulators."""
+    pairings, accumulators = [], {}
+    device = model_device(target)
+    for pp in pairs:
+        role_t, role_s = pp.target, pp.source
+        if role_t.rule != "gain" or role_s.name not in tau or role_t.space_out is None:
+            continue
+        key = gains.gain_space(role_t)
+        scale_s, scale_t = gains.scale_of(source, role_s), gains.scale_of(target, role_t)
+        point_s = gains.gain_point(role_s, layout_s.space(role_s.space_out))
+        point_t = gains.gain_point(role_t, layout_t.space(role_t.space_out))
+        pairings.append(SpacePairing(key, gains.gain_space(role_s), len(scale_s[0]),
+                                     len(scale_t[0]), ((point_s, point_t),)))
+        accumulators[key] = gains.GainStatistics(scale_s, scale_t, device)
+    return pairings, accumulators
+
+
+def _transport_params(pairs, tau, finetuned, target, maps, method, gain_stats):
     target_state = target.state_dict()
     deltas: dict[str, Tensor] = {}
     values: dict[str, Tensor] = {}
@@ -153,7 +211,7 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
     for pp in pairs:
         role_t, role_s = pp.target, pp.source
         current = _role_tensor(target_state, role_t)
-        if role_t.rule in ("head", "head_bias"):
+        if role_t.rule in HEAD_RULES:
             source_value = _role_tensor(finetuned, role_s).double()
         elif role_t.rule == "variance" and role_s.name in tau:
             source_value = _log_ratio(_role_tensor(finetuned, role_s), _role_tensor(tau, role_s))
@@ -165,8 +223,11 @@ def _transport_params(pairs, tau, finetuned, target, maps, method):
         t_in = maps.get(role_t.space_in) if role_t.space_in else None
         device = t_out.map.device if t_out else (t_in.map.device if t_in else current.device)
         new = _apply_rule(role_t, source_value.to(device), current.shape, method,
+                          gain_stats.get(gains.gain_space(role_t)),
                           t_out.map if t_out else None, t_in.map if t_in else None)
-        store = (values if role_t.rule in ("head", "head_bias")
+        if role_t.rule in ("head_linear", "head_vector"):
+            new = _keep_unmapped_rows(new, current, t_out.map)
+        store = (values if role_t.rule in HEAD_RULES
                  else scales if role_t.rule == "variance" else deltas)
         _place(store, role_t, new, target_state)
         reports.append(ParamReport(
@@ -192,11 +253,16 @@ def _log_ratio(finetuned: Tensor, tau: Tensor) -> Tensor:
     return torch.where(ok, torch.log(after.clamp_min(1e-300) / before.clamp_min(1e-300)), 0.0)
 
 
-def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> Tensor:
+def _apply_rule(role: ParamRole, value: Tensor, shape, method, gain_stats, t_out, t_in
+                ) -> Tensor:
     if method == "slice" and role.rule not in ("head", "head_bias"):
         return rules.crop_pad(value, tuple(shape))
     if role.rule == "head_bias":
         new = value
+    elif role.rule == "head_linear":
+        new = rules.linear(value, t_out, t_in)
+    elif role.rule == "head_vector":
+        new = rules.vector(value, t_out)
     elif role.rule == "head":
         new = rules.crop_pad(value, tuple(shape)) if method == "slice" else rules.head(value, t_in)
     elif role.rule == "linear":
@@ -204,7 +270,7 @@ def _apply_rule(role: ParamRole, value: Tensor, shape, method, t_out, t_in) -> T
     elif role.rule == "vector":
         new = rules.vector(value, t_out)
     elif role.rule == "gain":
-        new = rules.gain(value, t_out)
+        new = gains.gain(value, t_out, gain_stats)
     elif role.rule == "variance":
         new = rules.variance(value, t_out)
     elif role.rule == "conv":
@@ -231,6 +297,15 @@ def _place(store: dict[str, Tensor], role: ParamRole, new: Tensor, target_state)
         store[role.name] = torch.zeros(target_state[role.name].shape, dtype=new.dtype,
                                        device=new.device)
     store[role.name][role.rows[0]:role.rows[1]] = new
+
+
+def _keep_unmapped_rows(new: Tensor, current: Tensor, t_out: Tensor) -> Tensor:
+    """Target units no source unit maps to keep the target's own rows (its initialisation)."""
+    unmapped = t_out.abs().sum(0) == 0
+    if not unmapped.any():
+        return new
+    return torch.where(unmapped.view(-1, *([1] * (new.ndim - 1))),
+                       current.to(new.device, new.dtype), new)
 
 
 def _map_report(key: SpaceKey, source_key: SpaceKey, m: ProcrustesMap) -> MapReport:

@@ -29,6 +29,8 @@ Rule = Literal[
     "depthwise",  # [C, 1, kh, kw]: diagonal of T^T diag(w) T per tap (or zero, by option)
     "head",  # task head weight [n_classes, d]: whole finetuned head, W_A T_in
     "head_bias",  # task head bias: copied
+    "head_linear",  # a head's hidden layer: the whole finetuned weight, T_out^T W T_in
+    "head_vector",  # its bias: the whole finetuned bias, T_out^T b
     "embedding",  # token / position / patch embeddings: zero delta unless embeddings="map"
 ]
 Layout = Literal["last", "channels"]
@@ -63,7 +65,8 @@ class Point:
     ``layout="last"`` means features on the last dimension ([B, D] or [B, N, D]); ``"channels"``
     means [B, C, H, W]. ``features=(start, stop)`` keeps a slice of the feature dimension (one of
     q, k, v in a fused projection). ``role`` pairs the point with the other model's point of the
-    same space.
+    same space. ``sequence`` names the token sequence its rows belong to when a batch has several
+    (``SequenceInfo.others``, e.g. an encoder-decoder's ``"decoder"``); ``None``: the main one.
     """
 
     module: str
@@ -71,6 +74,7 @@ class Point:
     role: str
     layout: Layout = "last"
     features: tuple[int, int] | None = None
+    sequence: str | None = None
 
 
 HeadKind = Literal["query", "key", "value", "output", "qkv", "head_dim"]
@@ -103,9 +107,16 @@ class HeadLayout:
 
 @dataclass(frozen=True)
 class Space:
+    """A coordinate space of ``width`` channels, observed at ``points``.
+
+    A ``fixed`` space has no statistics: its map is chosen without data (the hidden units of a
+    task head the target does not have yet, see ``hf_heads``).
+    """
+
     key: SpaceKey
     width: int
     points: tuple[Point, ...]
+    fixed: bool = False
     heads: HeadLayout | None = None
 
 
@@ -138,11 +149,26 @@ class SequenceInfo:
 
     ``mask`` [B, N] marks real tokens (text); ``prefix`` tokens (class/register) are paired one to
     one and kept apart from a ``grid`` of patch tokens (ViT), which is resized to the other model's.
+    ``offsets`` [B, N, 2] are the tokens' character spans in the text (a fast tokenizer's
+    ``offset_mapping``), for pairing with another tokenization of the same text. ``others`` lays
+    out further token sequences of the batch by name (an encoder-decoder's decoder tokens).
     """
 
     mask: Tensor | None = None
     prefix: int = 0
     grid: tuple[int, int] | None = None
+    offsets: Tensor | None = None
+    others: Mapping[str, SequenceInfo] = field(default_factory=dict)
+
+    def of(self, sequence: str | None) -> SequenceInfo:
+        """The layout of the named sequence of the batch (``others``); ``None``: this one."""
+        if sequence is None:
+            return self
+        if sequence not in self.others:
+            raise ValueError(f"the batch describes no token sequence {sequence!r} (it has "
+                             f"{sorted(self.others) or 'only the main one'}); the family's "
+                             "prepare function must give its layout in SequenceInfo.others.")
+        return self.others[sequence]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .base import (
     last_linear,
 )
 
-_NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def _layout(module: nn.Module) -> str:
