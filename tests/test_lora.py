@@ -456,3 +456,60 @@ def test_lora_on_the_task_head_and_busy_out_dir_are_refused(tmp_path):
     with pytest.raises(ValueError, match="alpha='auto' needs a validation score"):
         transport_adapter(source, _lora(source), target, _texts(2), tmp_path / "x",
                           alpha="auto", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_transport_command_writes_an_adapter_for_a_vit_with_fused_qkv(tmp_path):
+    """`warmstart transport --adapter_out`: timm ViTs (fused qkv: one A, B row blocks per q/k/v),
+    the classifier head as modules_to_save; the fit config's target stays as it is."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from warmstart.__main__ import main
+    from warmstart.lightning.models import Classifier
+
+    vit = {"img_size": 16, "patch_size": 8, "num_heads": 2}
+    torch.manual_seed(0)
+    source = Classifier("vit_tiny_patch16_224", 10, pretrained=False,
+                        model_kwargs={**vit, "embed_dim": 32, "depth": 2}).model
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(base))
+    _lora(source, r=4, lora_alpha=4, target_modules=["qkv", "attn.proj", "fc1", "fc2"],
+          modules_to_save=["head"]).save_pretrained(tmp_path / "adapter")
+    config = {
+        "seed_everything": 1,
+        "model": {"class_path": "warmstart.lightning.models.Classifier",
+                  "init_args": {"backbone": "vit_tiny_patch16_224", "num_classes": 10,
+                                "pretrained": False,
+                                "model_kwargs": {**vit, "embed_dim": 48, "depth": 3}}},
+        "data": {"class_path": "warmstart.lightning.data.ImageClassificationData",
+                 "init_args": {"source": "mnist5k", "image_size": 16, "batch_size": 16,
+                               "train_limit": 64, "val_limit": 32}},
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "transport": {"source_pretrained": "vit_tiny_patch16_224",
+                      "source_finetuned": str(tmp_path / "adapter"),
+                      "source_model_kwargs": {
+                          **vit, "embed_dim": 32, "depth": 2,
+                          "pretrained_cfg_overlay": {"file": str(base)}},
+                      "options": {"calibration_batches": 2}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "target_adapter"
+    assert main(["transport", "-c", str(tmp_path / "fit.yaml"), "--adapter_out", str(out)]) == 0
+    torch.manual_seed(1)
+    target = Classifier("vit_tiny_patch16_224", 10, pretrained=False,
+                        model_kwargs={**vit, "embed_dim": 48, "depth": 3}).model.eval()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), out).eval()
+    qkv = loaded.get_base_model().blocks[1].attn.qkv
+    assert qkv.lora_A["default"].weight.shape == (4, 48)
+    assert qkv.lora_B["default"].weight.shape == (144, 4)
+    report = json.loads((out / "warmstart_report.json").read_text())
+    assert len(report["modules"]) == 12 and report["adapter"]["modules_to_save"] == ["head"]
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 16)
+        assert (loaded(x) - target(x)).abs().max() > 1e-3  # the moved adapter acts
+    assert main(["transport", "-c", str(tmp_path / "fit.yaml"), "--adapter_out",
+                 str(out)]) == 2  # a written adapter is not overwritten

@@ -189,6 +189,17 @@ def transport_adapter(
     return report
 
 
+def adapter_writer(out_dir: str | Path, overwrite: bool = False) -> Callable[..., AdapterReport]:
+    """:func:`transport_adapter` into ``out_dir``, called like :func:`~warmstart.transport` (what
+    ``warmstart transport --adapter_out`` runs in place of the transport)."""
+    def write(source_pretrained, source_finetuned, target, calibration=None, *,
+              target_calibration=None, evaluate=None, options=None, progress=True):
+        return transport_adapter(source_pretrained, source_finetuned, target, calibration,
+                                 out_dir, target_calibration=target_calibration,
+                                 options=options, overwrite=overwrite, progress=progress)
+    return write
+
+
 def _check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -13,6 +13,7 @@ the module's validation), then writes the target network's weights as safetensor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -66,7 +67,10 @@ Warm-start the target of a fit config without training and write its weights (sa
 and the transport report (<out>.report.json). Every option of the transport callback
 (--transport.*, its TransportOptions under --transport.options.*) and of the Trainer
 (--trainer.*, e.g. the device: --trainer.accelerator) is available. The transport's options
-are listed below; the Trainer's, the model's and the data's by `warmstart fit --help`."""
+are listed below; the Trainer's, the model's and the data's by `warmstart fit --help`.
+
+With a LoRA adapter as --transport.source_finetuned, --adapter_out DIR writes a PEFT adapter of
+the same rank for the target instead (the target is left as it is; DIR must be empty or new)."""
 
 
 def transport_command(argv: list[str]) -> Path:
@@ -74,17 +78,24 @@ def transport_command(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(prog="warmstart transport", usage=TRANSPORT_USAGE,
                                      add_help=False)
     parser.add_argument("--out", help="output weights of the target network (.safetensors)")
+    parser.add_argument("--adapter_out", help="write a PEFT LoRA adapter for the target here "
+                        "instead (the source must be a LoRA adapter)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
     if args.help:
         print(TRANSPORT_USAGE + "\n")
         build_cli(["--transport.help", "TaskVectorTransport"])  # LightningCLI's own help; exits
-    if not args.out:
+    if not args.out and not args.adapter_out:
         raise ValueError("warmstart transport needs --out TARGET.safetensors (see "
                          "warmstart transport --help).")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    out = Path(args.out or args.adapter_out)
+    if args.adapter_out and args.out:
+        raise ValueError("give --out (the transported target's weights) or --adapter_out (a "
+                         "LoRA adapter for the target), not both.")
+    busy = (out.is_file() or out.is_dir() and any(out.iterdir())) if args.adapter_out \
+        else out.exists()  # an empty folder is fine for an adapter
+    if busy and not args.overwrite:
         raise FileExistsError(f"{out} exists already; pass --overwrite or choose another --out.")
     cli = build_cli([*rest, "--trainer.max_steps=0", "--trainer.logger=false",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -95,7 +106,13 @@ def transport_command(argv: list[str]) -> Path:
         raise ValueError("warmstart transport needs a transport section: add "
                          "-c callbacks/transport.yaml (or --transport.source_pretrained=... "
                          "--transport.source_finetuned=...).")
+    if args.adapter_out:
+        warm.plan = dataclasses.replace(warm.plan, adapter_out=str(out),
+                                        adapter_overwrite=args.overwrite)
     cli.trainer.fit(cli.model, cli.datamodule)
+    if args.adapter_out:
+        print(f"LoRA adapter for the target written to {out} (report: {warm.report_path})")
+        return out
     return write_target(cli.model, warm, out, args.overwrite)
 
 
