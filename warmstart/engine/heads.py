@@ -50,7 +50,7 @@ from torch import Tensor
 from .families.base import HeadLayout, ModelLayout, SpaceKey
 from .matching import Matching, relative_depth
 from .options import TransportOptions
-from .procrustes import CrossStatistics, ProcrustesMap, _fit_quality, procrustes_map
+from .procrustes import CrossStatistics, ProcrustesMap, procrustes_map
 
 Mode = Literal["dense", "heads", "rope"]
 MODES = ("dense", "heads", "rope")
@@ -340,9 +340,23 @@ def _rotation_fit(cross: Tensor, planes: list[tuple[int, int]], options: Transpo
 
 def _report(acc: CrossStatistics, transport: Tensor, rank: int, completed: int,
             options: TransportOptions) -> ProcrustesMap:
-    """The assembled map with the fit over the space's own rows (the residual assumes the map
-    does not lengthen source rows, which holds unless target heads share a source head)."""
-    residual, alignment = _fit_quality(acc, transport, options.center)
+    """The assembled map with its fit over the space's own rows.
+
+    ``||A T||^2`` needs the source Gram, which is not kept; it is estimated as
+    ``||A||^2 ||T||_F^2 / d_source`` (exact for a partial permutation, and for source energy spread
+    evenly over the heads), which accounts for heads that are shared (``T`` lengthens rows) or
+    dropped. ``alignment`` is then the cosine between ``A T`` and ``B``.
+    """
+    n = max(acc.n_rows, 1)
+    cross, sq_s, sq_t = acc.cross, float(acc.sq_source), float(acc.sq_target)
+    if options.center:
+        cross = cross - torch.outer(acc.sum_source, acc.sum_target) / n
+        sq_s -= float(acc.sum_source.square().sum()) / n
+        sq_t -= float(acc.sum_target.square().sum()) / n
+    aligned = float((transport * cross).sum())
+    mapped = max(sq_s, 0.0) * float(transport.square().sum()) / transport.shape[0]
+    residual = max(mapped - 2 * aligned + sq_t, 0.0) / max(sq_t, 1e-300)
+    alignment = aligned / max((mapped * max(sq_t, 0.0)) ** 0.5, 1e-300)
     narrow = min(transport.shape)
     return ProcrustesMap(transport, min(rank, narrow), acc.n_rows, residual, alignment,
                          min(completed, narrow - min(rank, narrow)))

@@ -15,7 +15,8 @@ norms act on one head's coordinates; their space is observed at the first query 
 the query/key head maps.
 
 Heads. ``lm_head`` is the task head (the whole finetuned head mapped on its input side); source and
-target must share the vocabulary. ``score`` (``*ForSequenceClassification``) and ``qa_outputs``
+target must share the vocabulary (its role names the vocabulary size, so other sizes are refused
+before calibration). ``score`` (``*ForSequenceClassification``) and ``qa_outputs``
 likewise. With tied input and output embeddings the one tensor plays one role, the head's, so the
 update is applied once (the input embeddings change with it).
 
@@ -191,10 +192,10 @@ def _refuse_variants(hf: nn.Module, kind: str) -> None:
     if window is not None:
         raise ValueError(
             f"{name} uses sliding-window attention (sliding_window={window}), which warmstart's "
-            "decoder family does not support: the calibration rows pair token by token assuming "
-            "full causal attention on both sides. If your sequences are shorter than the window "
-            "(attention is then the same), build the model with config.sliding_window=None "
-            "(Mistral) or use_sliding_window=False (Qwen2/Qwen3).")
+            "decoder family does not support yet (it describes full causal attention only). If "
+            "your sequences are shorter than the window (attention is then the same), build the "
+            "model with config.sliding_window=None (Mistral) or use_sliding_window=False "
+            "(Qwen2/Qwen3).")
 
 
 def _name_of(root: nn.Module, module: nn.Module) -> str:
@@ -286,9 +287,13 @@ def decoder_heads(model: nn.Module, hf: nn.Module, prefix: str, embed_name: str,
             excluded[weight] = (f"tied to {embed_name}.weight (one tensor): it moves once, as "
                                 "the task head")
             weight = f"{embed_name}.weight"
-        params.append(ParamRole(weight, f"{role}.weight", None, "head", None, last))
+        # a language-model head only pairs with one over the same vocabulary: the role says so,
+        # and differing vocabularies are refused before any calibration
+        suffix = f" over {head.out_features} tokens" if role == "lm_head" else ""
+        params.append(ParamRole(weight, f"{role}.weight{suffix}", None, "head", None, last))
         if head.bias is not None:
-            params.append(ParamRole(join(name, "bias"), f"{role}.bias", None, "head_bias"))
+            params.append(ParamRole(join(name, "bias"), f"{role}.bias{suffix}", None,
+                                    "head_bias"))
     return params, points, excluded
 
 
