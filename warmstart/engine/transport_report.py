@@ -63,6 +63,9 @@ class TransportReport:
     timings: Mapping[str, float]
     options: Mapping[str, Any]
     alpha_scores: tuple[tuple[float, float], ...] = field(default_factory=tuple)
+    # how text token rows paired: one_to_one, offsets, example (per batch when they differed), or
+    # none (no token rows: images, or no calibration)
+    token_pairing: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

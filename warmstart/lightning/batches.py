@@ -107,7 +107,9 @@ class TokenizeText:
 
     For source and target models with different tokenizers: the batch must keep the raw text
     (``batch[text_key]``, a list of strings). Texts are cut to the target batch's token length
-    when the batch has ``input_ids``, so the two models see the same examples.
+    when the batch has ``input_ids``, so the two models see the same examples. A fast tokenizer
+    also returns each token's character span (``offset_mapping``, never a model input), so that
+    tokens can be paired with another tokenizer's by the characters they cover.
 
     Args:
         tokenizer: a ``transformers`` tokenizer, a Hugging Face folder, or a packaged name
@@ -126,6 +128,13 @@ class TokenizeText:
         self.tokenizer, self.text_key = tokenizer, text_key
 
     def __call__(self, batch: Mapping) -> dict[str, Tensor]:
+        encoded = self._encode(batch)
+        out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if "offset_mapping" in encoded:  # slow (Python) tokenizers give none
+            out["offset_mapping"] = encoded["offset_mapping"]
+        return out
+
+    def _encode(self, batch: Mapping) -> Any:
         if not isinstance(batch, Mapping) or self.text_key not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"the source tokenizer needs the raw text in batch[{self.text_key!r}]"
@@ -133,7 +142,66 @@ class TokenizeText:
                              "text_key.")
         ids = batch.get("input_ids")
         length = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
-        encoded = self.tokenizer(list(batch[self.text_key]), padding=True,
-                                 truncation=length is not None, max_length=length,
-                                 return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return self.tokenizer(list(batch[self.text_key]), padding=True,
+                              truncation=length is not None, max_length=length,
+                              return_tensors="pt",
+                              return_offsets_mapping=bool(getattr(self.tokenizer, "is_fast",
+                                                                  False)))
+
+
+class WithOffsets:
+    """Target ``inputs`` plus the character spans of the target's tokens.
+
+    ``inputs(batch)`` gives the target's inputs as usual; ``tokenize`` (a :class:`TokenizeText`
+    over the target's tokenizer) re-tokenizes the batch's raw text, and its ``offset_mapping`` is
+    added when it splits the text into exactly the batch's ``input_ids`` (otherwise the spans
+    would describe other tokens, and the inputs are returned as they are).
+    """
+
+    def __init__(self, inputs: InputsFn, tokenize: TokenizeText) -> None:
+        self.inputs, self.tokenize = inputs, tokenize
+
+    def __call__(self, batch: Any) -> Any:
+        inputs = self.inputs(batch)
+        if not isinstance(inputs, Mapping) or not isinstance(inputs.get("input_ids"), Tensor):
+            return inputs
+        encoded = self.tokenize(batch)
+        ids = inputs["input_ids"]
+        if ("offset_mapping" not in encoded or encoded["input_ids"].shape != ids.shape
+                or not torch.equal(encoded["input_ids"].to(ids.device, ids.dtype), ids)):
+            return inputs
+        return {**inputs, "offset_mapping": encoded["offset_mapping"].to(ids.device)}
+
+
+def split_differs(source_in: Mapping, target_in: Mapping) -> bool:
+    """Whether two tokenizations of one batch split some example differently: other token
+    counts, or (where both carry ``offset_mapping``) other character spans."""
+    mask_s, mask_t = (_mask(b).bool().cpu() for b in (source_in, target_in))
+    if mask_s.shape[0] != mask_t.shape[0] or not torch.equal(mask_s.sum(1), mask_t.sum(1)):
+        return True
+    if "offset_mapping" not in source_in or "offset_mapping" not in target_in:
+        return False
+    return not torch.equal(source_in["offset_mapping"].cpu()[mask_s],
+                           target_in["offset_mapping"].cpu()[mask_t])
+
+
+def keep_offsets_where_needed(source_in: list[Any], target_in: list[Any]) -> int:
+    """Drop ``offset_mapping`` from both sides of every batch whose two tokenizations split the
+    text identically (tokens then pair one to one, as without offsets); returns how many batches
+    split differently."""
+    differ = 0
+    for i, (b_s, b_t) in enumerate(zip(source_in, target_in)):
+        if not (isinstance(b_s, Mapping) and isinstance(b_t, Mapping)
+                and "input_ids" in b_s and "input_ids" in b_t):
+            continue
+        if split_differs(b_s, b_t):
+            differ += 1
+            continue
+        source_in[i] = {k: v for k, v in b_s.items() if k != "offset_mapping"}
+        target_in[i] = {k: v for k, v in b_t.items() if k != "offset_mapping"}
+    return differ
+
+
+def _mask(inputs: Mapping) -> Tensor:
+    mask = inputs.get("attention_mask")
+    return mask if isinstance(mask, Tensor) else torch.ones_like(inputs["input_ids"])

@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,7 +23,14 @@ from ..engine.families import describe_model
 from ..engine.options import TransportOptions
 from ..engine.transport import transport
 from ..engine.transport_report import TransportReport
-from .batches import InputsFn, TokenizeText, take_inputs
+from .batches import (
+    InputsFn,
+    TokenizeText,
+    WithOffsets,
+    default_inputs,
+    keep_offsets_where_needed,
+    take_inputs,
+)
 from .validation import monitored, quiet_validation
 
 DEFAULT_CALIBRATION_BATCHES = 8
@@ -146,6 +154,56 @@ def _source_inputs(plan: WarmStart) -> InputsFn | None:
     return None
 
 
+def _target_inputs(trainer: L.Trainer, target: nn.Module, plan: WarmStart) -> InputsFn | None:
+    """With ``source_tokenizer``: the target's inputs plus its tokens' character spans, so that
+    tokens pair by the characters they cover when the two tokenizers split a text differently."""
+    if plan.source_tokenizer is None or plan.source_inputs is not None:
+        return plan.inputs
+    tokenizer = target_tokenizer(trainer, target)
+    if tokenizer is None:
+        return plan.inputs
+    inputs = plan.inputs or (lambda batch: default_inputs(batch, target))
+    return WithOffsets(inputs, TokenizeText(tokenizer, plan.text_key))
+
+
+def target_tokenizer(trainer: L.Trainer, target: nn.Module) -> Any | None:
+    """The target's tokenizer: the datamodule's ``tokenizer``, else the one saved in the target's
+    Hugging Face folder (``config._name_or_path``); ``None`` when neither exists."""
+    found = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+    if callable(found):
+        return found
+    for module in target.modules():
+        folder = getattr(getattr(module, "config", None), "_name_or_path", None)
+        if isinstance(folder, str) and folder and Path(folder).is_dir():
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(folder)
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _check_splits(source_in: list, target_in: list, plan: WarmStart) -> None:
+    """Offsets stay only on batches the two tokenizers split differently; there, pairing by
+    offsets needs them on both sides."""
+    if not keep_offsets_where_needed(source_in, target_in):
+        return
+    if plan.options.token_pairing not in ("auto", "offsets"):
+        return
+    for side, batches, fix in (
+            ("source", source_in, f"make source_tokenizer={plan.source_tokenizer!r} a fast "
+                                  "tokenizer (a folder with tokenizer.json)"),
+            ("target", target_in, "give the datamodule a `tokenizer` attribute (the fast "
+                                  "tokenizer of the target's batches)")):
+        if any(isinstance(b, Mapping) and "offset_mapping" not in b for b in batches):
+            raise ValueError(
+                f"the source tokenizer splits the calibration text differently from the target's "
+                f"batches, so tokens pair by the characters they cover, but the {side} tokens "
+                f"have no character offsets; {fix}, or set options.token_pairing='example' to "
+                "pair mean-pooled examples.")
+
+
 def alpha_scorer(trainer: L.Trainer, plan: WarmStart) -> Callable[[nn.Module], float]:
     """``evaluate(target)`` for ``alpha="auto"``: the module's monitored validation metric over
     ``alpha_val_batches`` batches (lower is better; negated for ``mode="max"``), averaged over
@@ -183,7 +241,10 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
         with isolate_rng():  # the training run's data order stays what it would have been
             batches = (trainer.strategy.batch_to_device(b) for b in calibration_loader(trainer))
             target_in, source_in = take_inputs(batches, plan.calibration_batches, target,
-                                               plan.inputs, _source_inputs(plan))
+                                               _target_inputs(trainer, target, plan),
+                                               _source_inputs(plan))
+        if source_in is not None and plan.source_inputs is None:
+            _check_splits(source_in, target_in, plan)
     try:
         source.to(pl_module.device)
         report = transport(  # the source reads its own inputs when it has them
