@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import generic, hf_bert, hf_decoder, hf_gpt2, hf_mpnet, timm_efficientnet, timm_vit
+from . import generic, hf_bert, hf_decoder, hf_gpt2, hf_mpnet, hf_t5, timm_efficientnet, timm_vit
 from .base import BlockId, Family, ModelLayout, ParamRole, Point, SequenceInfo, Space, SpaceKey
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (timm_vit.FAMILY, timm_efficientnet.FAMILY, hf_bert.FAMILY, hf_mpnet.FAMILY,
-              generic.FAMILY, hf_decoder.FAMILY, hf_gpt2.FAMILY)
+              hf_t5.FAMILY, generic.FAMILY, hf_decoder.FAMILY, hf_gpt2.FAMILY)
 }
 
 
