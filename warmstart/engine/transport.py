@@ -19,6 +19,7 @@ from .alpha import select_alpha
 from .apply import _recalibration, _restored_on_error, apply_update
 from .checks import _checked_finetuned, check_calibration, check_models
 from .families import describe_model
+from .lora import is_adapter
 from .matching import match
 from .options import TransportOptions
 from .procrustes import resolve_solver
@@ -49,7 +50,9 @@ def transport(
     Args:
         source_pretrained: the source base model (its activations are observed).
         source_finetuned: the finetuned source: a module, a state dict or a checkpoint path (a
-            Lightning ``.ckpt`` of any module: the wrapper prefix, e.g. ``net.``, is stripped).
+            Lightning ``.ckpt`` of any module: the wrapper prefix, e.g. ``net.``, is stripped),
+            or a LoRA adapter (a PEFT adapter folder or ``PeftModel``: moved as its factors, see
+            :mod:`.lora`).
         target: the target base model, updated in place (its task head is replaced).
         calibration: model inputs (tensors, or mappings of keyword tensors), e.g. unlabelled
             training batches; not needed for ``method="slice"``.
@@ -67,6 +70,12 @@ def transport(
     check_calibration("calibration", calibration)
     check_calibration("target_calibration", target_calibration)
     check_models(source_pretrained, target)
+    if is_adapter(source_finetuned):  # a LoRA task vector: moved as factors (engine/lora.py)
+        from .lora_out import transport_lora
+
+        return transport_lora(source_pretrained, source_finetuned, target, calibration,
+                              target_calibration=target_calibration, evaluate=evaluate,
+                              options=options, progress=progress)
     started = time.perf_counter()
     finetuned = as_state_dict(source_finetuned)
     if not isinstance(source_finetuned, nn.Module):  # a checkpoint may carry a wrapper prefix

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from ..engine.families import describe_model
+from ..engine.lora import is_adapter
 from ..engine.options import TransportOptions
 from ..engine.transport import transport
 from ..engine.transport_report import TransportReport
@@ -55,6 +56,8 @@ class WarmStart:
     mode: Literal["min", "max"] = "min"
     alpha_val_batches: int = 4
     source_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    adapter_out: str | None = None  # `warmstart transport --adapter_out`: write a PEFT adapter
+    adapter_overwrite: bool = False
 
     def fingerprint(self) -> str:
         described = {"source_pretrained": _describe(self.source_pretrained),
@@ -247,7 +250,14 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
             _check_splits(source_in, target_in, plan)
     try:
         source.to(pl_module.device)
-        report = transport(  # the source reads its own inputs when it has them
+        engine = transport
+        if is_adapter(target):  # a PEFT-wrapped target: its adapter is warm-started
+            from ..engine.lora_out import transport_into_peft as engine
+        if plan.adapter_out is not None:  # the target stays as it is; an adapter is written
+            from ..engine.lora_out import adapter_writer
+
+            engine = adapter_writer(plan.adapter_out, plan.adapter_overwrite)
+        report = engine(  # the source reads its own inputs when it has them
             source, plan.source_finetuned, target,
             source_in if source_in is not None else target_in,
             target_calibration=target_in if source_in is not None else None,
