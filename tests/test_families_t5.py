@@ -159,7 +159,8 @@ def test_strict_transport_across_widths_and_depths():
     target = _model(d=48, layers=3, dec_layers=3, heads=6, d_ff=96, seed=5)
     finetuned = _finetune(source)
     shared_before = target.shared.weight.detach().clone()
-    report = transport(source, finetuned, target, _batches(), progress=False, strict=True)
+    report = transport(source, finetuned, target, _batches(), progress=False, strict=True,
+                       embeddings="map")
     _accounted(report, target)
     assert dict(report.block_map) == {"0.0": "0.0", "0.1": "0.1", "0.2": "0.1",
                                       "1.0": "1.0", "1.1": "1.1", "1.2": "1.1"}
@@ -171,27 +172,18 @@ def test_strict_transport_across_widths_and_depths():
     assert maps["block1.0.attn_q"].n_rows == 2 * 108 and maps["block0.0.attn_q"].n_rows == 2 * 126
     assert maps["block1.0.cross_k"].n_rows == 2 * 126
     assert maps["block1.0.cross_v"].n_rows == 2 * (126 + 108)
-    torch.testing.assert_close(target.shared.weight, shared_before)  # embeddings='zero'
+    # the tied token embeddings: mapped into the first encoder block's stream, added once (tau T
+    # keeps tau's norm, T having orthonormal rows), not once per name of the tensor
+    entry = next(p for p in report.params if p.name == "shared.weight")
+    assert entry.space_out == "block0.0.resid"
+    tau = (finetuned.shared.weight - source.shared.weight).double()
+    delta = (target.shared.weight - shared_before).double()
+    assert delta.norm().item() == pytest.approx(tau.norm().item(), rel=1e-4)
     assert target.lm_head.weight is target.shared.weight
+    assert target.encoder.embed_tokens.weight is target.shared.weight
     with torch.no_grad():
         logits = target(**_batches(1, seed=9)[0]).logits
     assert torch.isfinite(logits).all()
-
-
-def test_mapped_embeddings_update_the_tied_tensor_once():
-    source = _model()
-    target = _model(d=48, heads=6, d_ff=96, seed=5)
-    finetuned = _finetune(source, lambda n, p: n == "shared.weight")
-    before = target.shared.weight.detach().clone()
-    report = transport(source, finetuned, target, _batches(), progress=False, embeddings="map")
-    _accounted(report, target)
-    tau = (finetuned.shared.weight - source.shared.weight).double()
-    entry = next(p for p in report.params if p.name == "shared.weight")
-    assert entry.space_out == "block0.0.resid"
-    # tau @ T with T's rows orthonormal keeps tau's norm: added once, not once per name
-    delta = (target.shared.weight - before).double()
-    assert delta.norm().item() == pytest.approx(tau.norm().item(), rel=1e-4)
-    assert target.encoder.embed_tokens.weight is target.shared.weight
 
 
 def test_identical_source_and_target_receive_the_task_vector():
