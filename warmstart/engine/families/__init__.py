@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import generic, hf_bert, hf_decoder, hf_gpt2, hf_mpnet, hf_t5, timm_efficientnet, timm_vit
+from . import (
+    generic,
+    hf_bert,
+    hf_clip,
+    hf_deberta,
+    hf_decoder,
+    hf_gpt2,
+    hf_mpnet,
+    hf_roberta,
+    hf_siglip,
+    hf_t5,
+    hf_vit,
+    timm_efficientnet,
+    timm_vit,
+)
 from .base import BlockId, Family, ModelLayout, ParamRole, Point, SequenceInfo, Space, SpaceKey
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (timm_vit.FAMILY, timm_efficientnet.FAMILY, hf_bert.FAMILY, hf_mpnet.FAMILY,
-              hf_t5.FAMILY, generic.FAMILY, hf_decoder.FAMILY, hf_gpt2.FAMILY)
+              hf_t5.FAMILY, generic.FAMILY, hf_decoder.FAMILY, hf_gpt2.FAMILY,
+              hf_roberta.FAMILY, hf_roberta.XLM_R_FAMILY, hf_deberta.FAMILY, hf_vit.FAMILY,
+              hf_clip.FAMILY, hf_siglip.FAMILY)
 }
 
 
