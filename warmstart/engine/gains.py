@@ -29,7 +29,11 @@ class GainStatistics:
 
     ``update`` receives the paired output rows ``y`` of the two (base) norm layers and divides out
     each side's gain (and shift): ``n = (y - b) / g``. Channels whose gain is zero carry nothing.
+    The statistics are optional: rows that cannot be paired (a pooled norm against a per-token
+    one) mark them ``unpaired`` and the gain falls back to the diagonal rule.
     """
+
+    optional = True
 
     def __init__(self, scale_source: tuple[Tensor, Tensor | None],
                  scale_target: tuple[Tensor, Tensor | None], device: torch.device) -> None:
@@ -39,6 +43,7 @@ class GainStatistics:
         self.cross = torch.zeros(d_s, d_t, dtype=torch.float64, device=device)
         self.sq_target = torch.zeros(d_t, dtype=torch.float64, device=device)
         self.n_rows = 0
+        self.unpaired = False
 
     def update(self, source_rows: Tensor, target_rows: Tensor) -> None:
         a = _unscale(source_rows, self._source)
@@ -67,7 +72,7 @@ def _unscale(rows: Tensor, unscaler) -> Tensor:
 def gain(tau: Tensor, t: Tensor, stats: GainStatistics | None) -> Tensor:
     """The target's gain change for a source change ``tau`` through map ``t`` [d_s, d_t]."""
     diagonal = rules.gain(tau, t)
-    if stats is None or stats.n_rows == 0:
+    if stats is None or stats.n_rows == 0 or stats.unpaired:
         return diagonal
     cross, q = stats.cross.to(t.device), stats.sq_target.to(t.device)
     reached = q > 1e-12 * q.max().clamp_min(1e-300)

@@ -57,6 +57,10 @@ class TransportOptions:
             their identity (``units``: target unit i is source unit i; when the target has fewer,
             the source units with the largest output weights) or take the last residual
             stream's map (``stream``).
+        block_group: compute statistics, maps and updates for this many consecutive target
+            blocks at a time (one calibration pass each, stopped after the group's last block),
+            keeping each delta in the target's dtype, so peak memory is the models plus one
+            group (``None``: one pass over the whole model).
         depth_mapping: source block index for every target block (default: relative depth).
         bn_recalibration: after the update, re-estimate BatchNorm running statistics from this
             many calibration batches (0: off).
@@ -84,6 +88,7 @@ class TransportOptions:
     embeddings: Literal["zero", "map"] = "zero"
     gains: Literal["regression", "diagonal"] = "regression"
     head_hidden: Literal["units", "stream"] = "units"
+    block_group: int | None = None
     depth_mapping: tuple[int, ...] | dict[int, int] | None = None
     bn_recalibration: int = 0
     token_pairing: TokenPairing = "auto"
@@ -122,6 +127,9 @@ class TransportOptions:
         if not _is_count(self.bn_recalibration, 0):
             raise ValueError(f"bn_recalibration must be a number of batches >= 0, got "
                              f"{self.bn_recalibration!r}.")
+        if self.block_group is not None and not _is_count(self.block_group, 1):
+            raise ValueError(f"block_group must be None (one pass) or a number of blocks >= 1, "
+                             f"got {self.block_group!r}.")
         if self.calibration_batches is not None and not _is_count(self.calibration_batches, 1):
             raise ValueError(f"calibration_batches must be None (all batches) or a number of "
                              f"batches >= 1, got {self.calibration_batches!r}.")

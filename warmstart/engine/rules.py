@@ -55,7 +55,10 @@ def head(weight: Tensor, t_in: Tensor) -> Tensor:
 
 
 def embedding(tau: Tensor, t_out: Tensor) -> Tensor:
-    """Embedding table ``[..., d_s]`` -> ``[..., d_t]`` along its feature (last) dimension."""
+    """Embedding table ``[..., d_s]`` -> ``[..., d_t]`` along its feature (last) dimension; a patch
+    convolution ``[d_s, c, kh, kw]`` along its output channels."""
+    if tau.ndim == 4:
+        return torch.einsum("so,sckl->ockl", t_out, tau)
     return tau @ t_out
 
 

@@ -65,28 +65,61 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     needed = {k for pp in pairs for k in (pp.target.space_in, pp.target.space_out) if k}
     fixed = {k for k in needed if (space := layout_t.space(k)) is not None and space.fixed}
     needed -= fixed
+    gain_pairings, accumulators = ([], {})
+    if method != "slice" and needed and opts.gains == "regression":
+        gain_pairings, accumulators = _gain_pairings(pairs, tau, source, target, layout_s,
+                                                     layout_t)
+    gain_space_of = {gains.gain_space(pp.target): pp.target.space_out for pp in pairs
+                     if pp.target.rule == "gain"}
+    groups = block_groups(needed, layout_t, opts.block_group) if method != "slice" else [set()]
+    if len(groups) > 1 and iter(calibration) is calibration:
+        raise ValueError(f"block_group={opts.block_group} reads the calibration inputs once per "
+                         f"group ({len(groups)} passes), but they are a one-shot iterator; pass "
+                         "a list or a DataLoader.")
     maps: dict[SpaceKey, ProcrustesMap] = {}
     gain_stats: dict[SpaceKey, GainStatistics] = {}
     pairings_used: dict[str, int] = {}
-    if method != "slice" and needed:
-        gain_pairings, accumulators = (_gain_pairings(pairs, tau, source, target, layout_s,
-                                                      layout_t) if opts.gains == "regression"
-                                       else ([], {}))
-        maps, gain_stats = compute_maps(
-            source, target, layout_s, layout_t, matching, needed, calibration,
-            target_calibration, opts, progress, timings, extra=gain_pairings,
-            accumulators=accumulators, pairings_used=pairings_used)
-    if method != "slice":
-        for key in sorted(fixed, key=str):
-            maps[key] = head_hidden_map(key, layout_t.space(key).width, pairs, finetuned, maps,
-                                        opts.head_hidden)
-    t0 = time.perf_counter()
-    deltas, values, scales, reports = _transport_params(pairs, tau, finetuned, target, maps,
-                                                        method, gain_stats)
-    timings["rules"] = time.perf_counter() - t0
-    map_reports = tuple(_map_report(k, matching.spaces[k].source_space if k in matching.spaces
-                                    else k, m)
-                        for k, m in sorted(maps.items(), key=lambda kv: str(kv[0])))
+    deltas, values, scales, reports, map_reports = {}, {}, {}, [], []
+    pending, done = list(pairs), set()
+    for i, group in enumerate(groups):
+        last = i == len(groups) - 1
+        if group:
+            extra = [gp for gp in gain_pairings if gain_space_of[gp.target_space] in group]
+            group_maps, group_gains = compute_maps(
+                source, target, layout_s, layout_t, matching, group, calibration,
+                target_calibration, opts, progress, timings, extra=extra,
+                accumulators={gp.target_space: accumulators.pop(gp.target_space)
+                              for gp in extra},
+                pairings_used=pairings_used, stop_early=not last)
+            maps.update(group_maps)
+            gain_stats.update(group_gains)
+            done |= group
+        if last and method != "slice":
+            for key in sorted(fixed, key=str):
+                maps[key] = head_hidden_map(key, layout_t.space(key).width, pairs, finetuned,
+                                            maps, opts.head_hidden)
+            done |= fixed
+        ready = [pp for pp in pending if last or {pp.target.space_in, pp.target.space_out}
+                 - {None} <= done]
+        pending = [pp for pp in pending if pp not in ready]
+        t0 = time.perf_counter()
+        group_update = _transport_params(ready, tau, finetuned, target, maps, method, gain_stats)
+        timings["rules"] = timings.get("rules", 0.0) + time.perf_counter() - t0
+        if opts.block_group is not None:  # bounded memory: keep each delta in the target's dtype
+            target_dtypes = {n: t.dtype for n, t in target.state_dict().items()}
+            group_update[0].update({n: d.to(target_dtypes[n]) for n, d in
+                                    group_update[0].items()})
+        for store, part in zip((deltas, values, scales), group_update[:3]):
+            store.update(part)
+        reports += group_update[3]
+        still_needed = {k for pp in pending for k in (pp.target.space_in, pp.target.space_out)}
+        for key in [k for k in maps if k not in still_needed]:  # free maps no longer needed
+            map_reports.append(_map_report(
+                key, matching.spaces[key].source_space if key in matching.spaces else key,
+                maps.pop(key)))
+        gain_stats.clear()
+    map_reports = tuple(sorted(map_reports, key=lambda m: m.target_space))
+    reports = tuple(reports)
     _warn_rank(map_reports, opts.completion)
     return Update(deltas, values, reports, map_reports, tuple(skipped), scales,
                   describe_pairings(pairings_used)), timings
@@ -96,8 +129,11 @@ def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
                  matching: Matching, needed, calibration, target_calibration,
                  options: TransportOptions, progress: bool = True,
                  timings: dict[str, float] | None = None, *, extra=(), accumulators=None,
-                 pairings_used: dict[str, int] | None = None):
+                 pairings_used: dict[str, int] | None = None, stop_early: bool = False):
     """The maps of the target spaces ``needed`` from one pass over the calibration inputs.
+
+    ``stop_early`` ends each forward pass once every observed layer has been seen (a pass over
+    one group of early blocks need not run the rest of the model).
 
     ``extra`` pairings fold into ``accumulators`` in the same pass (e.g. gain regressions).
     Returns ``(maps, extra statistics)``. Shared with the LoRA transport (:mod:`.lora`), which
@@ -119,8 +155,8 @@ def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
         calibration, target_calibration, with_grams=opts.whiten > 0,
         max_batches=opts.calibration_batches, progress=progress,
         token_pairing=opts.token_pairing, pairings_used=pairings_used,
-        accumulators=accumulators)
-    timings["statistics"] = time.perf_counter() - t0
+        accumulators=accumulators, stop_early=stop_early)
+    timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
     extra_stats = {key: stats.pop(key) for key in accumulators}
     t0 = time.perf_counter()
     maps = head_maps(stats, layout_s, layout_t, matching, opts)  # attention heads
@@ -128,8 +164,23 @@ def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
         maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
                                    completion=opts.completion, rank_rtol=opts.rank_rtol,
                                    solver=opts.solver)
-    timings["maps"] = time.perf_counter() - t0
+    timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - t0
     return maps, extra_stats
+
+
+def block_groups(needed: set[SpaceKey], layout: ModelLayout, block_group: int | None
+                 ) -> list[set[SpaceKey]]:
+    """The target spaces split into passes of ``block_group`` consecutive blocks (all stages in
+    order); model-level spaces join the last pass. ``None``: one pass over everything."""
+    if block_group is None:
+        return [set(needed)]
+    order = {b: i for i, b in enumerate(b for stage in layout.blocks for b in stage)}
+    n_groups = max(1, -(-len(order) // block_group))
+    groups: list[set[SpaceKey]] = [set() for _ in range(n_groups)]
+    for key in needed:
+        index = n_groups - 1 if key.block is None else order[key.block] // block_group
+        groups[index].add(key)
+    return [g for g in groups[:-1] if g] + [groups[-1]]
 
 
 def _left_out(role: ParamRole, method: str, depthwise: str, embeddings: str) -> str | None:
