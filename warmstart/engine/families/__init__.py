@@ -16,7 +16,9 @@ from . import (
     hf_siglip,
     hf_t5,
     hf_vit,
+    timm_convnext,
     timm_efficientnet,
+    timm_resnet,
     timm_vit,
 )
 from .base import BlockId, Family, ModelLayout, ParamRole, Point, SequenceInfo, Space, SpaceKey
@@ -26,7 +28,8 @@ FAMILIES: dict[str, Family] = {
     for f in (timm_vit.FAMILY, timm_efficientnet.FAMILY, hf_bert.FAMILY, hf_mpnet.FAMILY,
               hf_t5.FAMILY, generic.FAMILY, hf_decoder.FAMILY, hf_gpt2.FAMILY,
               hf_roberta.FAMILY, hf_roberta.XLM_R_FAMILY, hf_deberta.FAMILY, hf_vit.FAMILY,
-              hf_clip.FAMILY, hf_siglip.FAMILY)
+              hf_clip.FAMILY, hf_siglip.FAMILY,
+              timm_convnext.FAMILY, timm_resnet.FAMILY)
 }
 
 
