@@ -513,3 +513,45 @@ def test_transport_command_writes_an_adapter_for_a_vit_with_fused_qkv(tmp_path):
         assert (loaded(x) - target(x)).abs().max() > 1e-3  # the moved adapter acts
     assert main(["transport", "-c", str(tmp_path / "fit.yaml"), "--adapter_out",
                  str(out)]) == 2  # a written adapter is not overwritten
+
+
+def test_compare_runs_lora_cold_and_lora_theseus_arms(tmp_path):
+    """The lora arms wrap the fit config's target with PEFT; lora_theseus warm-starts its
+    adapter from the source's, lora_cold keeps PEFT's init; only adapter and head train."""
+    from safetensors.torch import save_file
+
+    from warmstart.experiments.compare import CompareConfig, run_arm
+    from warmstart.lightning.models import Classifier
+
+    vit = {"img_size": 16, "patch_size": 8, "num_heads": 2}
+    torch.manual_seed(0)
+    source = Classifier("vit_tiny_patch16_224", 10, pretrained=False,
+                        model_kwargs={**vit, "embed_dim": 32, "depth": 2}).model
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "base.safetensors"))
+    lora = {"r": 4, "lora_alpha": 4, "target_modules": ["qkv", "fc1"], "modules_to_save": ["head"]}
+    _lora(source, **lora).save_pretrained(tmp_path / "adapter")
+    fit = {"model": {"class_path": "warmstart.lightning.models.Classifier",
+                     "init_args": {"backbone": "vit_tiny_patch16_224", "num_classes": 10,
+                                   "pretrained": False,
+                                   "model_kwargs": {**vit, "embed_dim": 48, "depth": 3}}},
+           "data": {"class_path": "warmstart.lightning.data.ImageClassificationData",
+                    "init_args": {"source": "mnist5k", "image_size": 16, "batch_size": 16,
+                                  "train_limit": 64, "val_limit": 32}},
+           "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False,
+                       "limit_val_batches": 1, "enable_checkpointing": False}}
+    config = CompareConfig(
+        fit_config=(fit,), out_dir=str(tmp_path / "compare"), arms=("lora_cold", "lora_theseus"),
+        transport={"source_pretrained": "vit_tiny_patch16_224", "target_attribute": "model",
+                   "calibration_batches": 2, "progress": False,
+                   "source_model_kwargs": {**vit, "embed_dim": 32, "depth": 2,
+                                           "pretrained_cfg_overlay": {
+                                               "file": str(tmp_path / "base.safetensors")}}},
+        source={"adapter": str(tmp_path / "adapter")}, tracker={"every_n_steps": 1}, lora=lora)
+    for arm in config.arms:
+        assert run_arm(config, arm, 0, "").exists()
+    runs = tmp_path / "compare" / "runs"
+    assert not list((runs / "lora_cold_seed0").rglob("transport_report.json"))
+    report = json.loads(next((runs / "lora_theseus_seed0").rglob("transport_report.json"))
+                        .read_text())
+    assert len(report["modules"]) == 6 and {m["rank"] for m in report["modules"]} == {4}

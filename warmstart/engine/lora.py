@@ -33,6 +33,7 @@ from .head_hidden import HEAD_RULES, head_hidden_map
 from .matching import Matching, ParamPairing
 from .options import TransportOptions
 from .procrustes import ProcrustesMap
+from .token_alignment import describe_pairings
 from .transport_report import ParamReport
 from .update import _display_name, _transport_params, compute_maps
 
@@ -348,6 +349,7 @@ class MovedAdapter:
     param_reports: tuple[ParamReport, ...]
     maps: Mapping[Any, ProcrustesMap]
     skipped: tuple[tuple[str, str], ...]
+    token_pairing: str = "none"
 
 
 def module_of(param: str) -> str:
@@ -385,12 +387,14 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
         check(sorted(lora_pairs))
     all_pairs = [pp for pairs in lora_pairs.values() for pp in pairs] + saved_pairs
     maps: dict[Any, ProcrustesMap] = {}
+    pairings_used: dict[str, int] = {}
     if method != "slice" and all_pairs:
         needed = {k for pp in all_pairs for k in (pp.target.space_in, pp.target.space_out) if k}
         fixed = {k for k in needed if getattr(layout_t.space(k), "fixed", False)}
         if needed - fixed:
             maps, _ = compute_maps(source, target, layout_s, layout_t, matching, needed - fixed,
-                                   calibration, target_calibration, options, progress, timings)
+                                   calibration, target_calibration, options, progress, timings,
+                                   pairings_used=pairings_used)
         finetuned = _saved_values(lora, saved_pairs, source)
         for key in sorted(fixed, key=str):
             maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs, finetuned,
@@ -417,7 +421,8 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
             saved_pairs, tau, finetuned, _StateView(state_t), maps, method, {})
     saved, saved_modules = _saved_state(deltas, values, scales, state_t, alpha)
     return MovedAdapter(modules, saved, saved_modules, deltas, values, scales,
-                        tuple(module_reports), tuple(reports), maps, tuple(skipped))
+                        tuple(module_reports), tuple(reports), maps, tuple(skipped),
+                        describe_pairings(pairings_used))
 
 
 class _StateView:

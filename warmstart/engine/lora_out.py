@@ -98,8 +98,8 @@ def _report(plan: _Plan, moved: MovedAdapter, alpha: float, timings: Mapping[str
         block_map=tuple((str(t), str(s)) for t, s in plan.matching.block_map.items()),
         params=(*moved.param_reports, *extra_params), maps=maps, skipped=moved.skipped,
         timings=dict(timings), options={**plan.options.to_dict(), "adapter": plan.lora.origin},
-        alpha_scores=tuple(scores), modules=moved.module_reports, out_dir=out_dir,
-        adapter=dict(adapter or {}))
+        alpha_scores=tuple(scores), token_pairing=moved.token_pairing,
+        modules=moved.module_reports, out_dir=out_dir, adapter=dict(adapter or {}))
 
 
 def _fixed_alpha(options: TransportOptions, what: str) -> float:
@@ -387,6 +387,15 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
     report = _report(plan, dataclasses.replace(moved, skipped=skipped), float(alpha), timings,
                      scores=scores)
     return dataclasses.replace(report, modules=reports)
+
+
+def plain_view(model: nn.Module) -> nn.Module:
+    """What the family adapters and input rules should see of a PEFT-wrapped ``model``: a
+    tensor-free copy of its base model without PEFT's wrappers (``model`` itself otherwise)."""
+    if not is_adapter(model):
+        return model
+    live = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _unwrapped(live, active_adapter(model))[0]
 
 
 class _nothing:

@@ -1,4 +1,5 @@
-"""Run arms (cold, theseus, slice, head_only) x seeds from one fit config, then write the report.
+"""Run arms (cold, theseus, slice, head_only, lora_cold, lora_theseus) x seeds from one fit config,
+then write the report.
 
 A compare config (YAML)::
 
@@ -16,6 +17,14 @@ A compare config (YAML)::
                                              # from the name (loss, error, ppl... are "min")
 
 Every arm uses the same fit config and seed; only the transport differs.
+
+LoRA fine-tuning: the arms ``lora_cold`` (PEFT's default init) and ``lora_theseus`` (the source's
+LoRA adapter moved into the target's adapter at fit start) wrap the target network with PEFT
+before fitting, so only the adapter (and ``modules_to_save``) trains::
+
+    arms: [lora_cold, lora_theseus]
+    lora: {r: 8, lora_alpha: 16, target_modules: [query, value], modules_to_save: [head]}
+    source: {adapter: runs/source_lora}      # the source's trained LoRA adapter (a PEFT folder)
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from ..lightning.callbacks import ConvergenceTracker, TaskVectorTransport
 from ..lightning.cli import build_cli
 from ..lightning.console import StepProgress
 
-ARMS = ("cold", "theseus", "slice", "head_only")
+ARMS = ("cold", "theseus", "slice", "head_only", "lora_cold", "lora_theseus")
+FULL_SOURCE_ARMS = ("theseus", "slice", "head_only")  # arms that read source.checkpoint
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class CompareConfig:
     overrides: tuple[str, ...] = ()
     metric: str = "val_acc"
     mode: Literal["auto", "max", "min"] = "auto"
+    lora: dict[str, Any] = field(default_factory=dict)  # LoraConfig fields for the lora arms
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
@@ -71,10 +82,18 @@ class CompareConfig:
             source=dict(raw.get("source") or {}), tracker=dict(raw.get("tracker") or {}),
             title=str(raw.get("title", cls.title)), overrides=tuple(overrides or ()),
             metric=str(raw.get("metric", cls.metric)), mode=raw.get("mode", cls.mode),
+            lora=dict(raw.get("lora") or {}),
         )
         bad = [a for a in config.arms if a not in ARMS]
         if bad:
             raise ValueError(f"{path}: unknown arms {bad}; allowed: {list(ARMS)}.")
+        if any(a.startswith("lora_") for a in config.arms) and not config.lora:
+            raise ValueError(f"{path}: the lora arms need a lora: section with the target's "
+                             "LoraConfig fields, e.g. {r: 8, lora_alpha: 16, target_modules: "
+                             "[query, value], modules_to_save: [head]}.")
+        if "lora_theseus" in config.arms and not config.source.get("adapter"):
+            raise ValueError(f"{path}: the lora_theseus arm needs source.adapter, the source's "
+                             "trained LoRA adapter (a PEFT adapter folder).")
         if config.mode not in ("auto", "max", "min"):
             raise ValueError(f"{path}: mode: {config.mode!r} is not one of auto, max, min; use "
                              "max for accuracy-like metrics, min for losses, auto to decide from "
@@ -126,12 +145,33 @@ def run_arm(config: CompareConfig, arm: str, seed: int, source_checkpoint: str) 
                                    "--trainer.default_root_dir", str(run_dir)])
     tracker = ConvergenceTracker(path=str(run_dir / "curve.csv"), **config.tracker)
     callbacks = [tracker, StepProgress(f"{arm} (seed {seed})")]
-    if arm != "cold":
-        options = {**config.transport, "source_finetuned": source_checkpoint, "method": arm}
+    if arm.startswith("lora_"):
+        wrap_lora(cli.model, config.transport.get("target_attribute"), config.lora)
+    if arm not in ("cold", "lora_cold"):
+        source = config.source["adapter"] if arm == "lora_theseus" else source_checkpoint
+        options = {**config.transport, "source_finetuned": source,
+                   "method": arm.removeprefix("lora_")}
         callbacks.insert(0, TaskVectorTransport(**options))
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, cli.datamodule)
     return tracker.written
+
+
+def wrap_lora(module, target_attribute: str | None, lora: dict[str, Any]) -> None:
+    """Replace the target network inside ``module`` by its PEFT LoRA wrapper (``lora``: the
+    ``LoraConfig`` fields), so that only the adapter and ``modules_to_save`` train."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..lightning.warm import find_target
+
+    target = find_target(module, target_attribute)
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if child is target:
+                setattr(parent, name, get_peft_model(target, LoraConfig(**lora)))
+                return
+    raise ValueError("the lora arms wrap the target network, which must be a child module of "
+                     "the LightningModule (set transport.target_attribute to its path).")
 
 
 def run_compare(config: CompareConfig, console: Console | None = None, overwrite: bool = False):
@@ -144,7 +184,8 @@ def run_compare(config: CompareConfig, console: Console | None = None, overwrite
     if (out / "summary.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a report; pass --overwrite or choose another "
                               "out_dir.")
-    source = ensure_source(config, console)
+    needs_source = any(a in FULL_SOURCE_ARMS for a in config.arms)
+    source = ensure_source(config, console) if needs_source else ""
     curves = {}
     for seed in config.seeds:
         for arm in config.arms:
@@ -157,7 +198,7 @@ def run_compare(config: CompareConfig, console: Console | None = None, overwrite
         found = sorted((out / "runs" / f"{arm}_seed{seed}").rglob("transport_report.json"))
         if found:
             transports[f"{arm} seed {seed}"] = found[0]
-    reference = "cold" if "cold" in config.arms else config.arms[0]
+    reference = next((a for a in ("cold", "lora_cold") if a in config.arms), config.arms[0])
     return write_report(load_runs(curves), out, title=config.title,
                         config=dataclasses.asdict(config), overwrite=True, console=console,
                         reference_arm=reference, metric=config.metric, mode=config.mode,
