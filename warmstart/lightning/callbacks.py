@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from ..engine.options import TransportOptions
+from .sharding import ShardedTarget
 from .validation import check_validation, scalar_metrics, validate_now
 from .warm import WarmStart, find_target, run_transport
 
@@ -54,8 +55,11 @@ class TaskVectorTransport(Callback):
     ``on_fit_start`` (the model is on its device and the optimizer holds its parameters), under
     ``no_grad`` and in place, so the optimizer keeps its references. Under DDP every rank
     calibrates on its own shard and the statistics are all-reduced, so all ranks write the same
-    weights. The ``state_dict`` records that the transport was applied (with a fingerprint), so a
-    run resumed from a checkpoint is not transported again.
+    weights. Under ``FSDPStrategy`` and ``ModelParallelStrategy`` (``fully_shard``) the target is
+    copied whole at ``setup``, before it is sharded; the engine runs on that copy, filled with the
+    gathered weights, and the result is written back into the shards (see
+    :mod:`warmstart.lightning.sharding`). The ``state_dict`` records that the transport was applied
+    (with a fingerprint), so a run resumed from a checkpoint is not transported again.
 
     Example::
 
@@ -140,6 +144,7 @@ class TaskVectorTransport(Callback):
         self.report = None
         self.report_path: Path | None = None  # where this run wrote its report
         self.seconds = 0.0
+        self._sharded: ShardedTarget | None = None  # under FSDP: the target's full copy
 
     @property
     def options(self) -> TransportOptions:
@@ -152,11 +157,14 @@ class TaskVectorTransport(Callback):
         # resuming from a checkpoint restores the state after this, in load_state_dict.
         self.applied, self.applied_fingerprint, self.seconds = False, None, 0.0
         self.report = self.report_path = None
+        # under FSDP: the target copied whole now, before the strategy shards it
+        self._sharded = ShardedTarget.at_setup(trainer, pl_module, self.plan.target_attribute)
         find_target(pl_module, self.plan.target_attribute)
         if self.options.alpha == "auto":
             check_validation(trainer, "alpha='auto'")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sharded, self._sharded = self._sharded, None  # the copy is not kept past this hook
         if self.applied:
             if self.applied_fingerprint != self.plan.fingerprint():
                 rank_zero_warn("the checkpoint was warm-started with another transport "
@@ -164,7 +172,8 @@ class TaskVectorTransport(Callback):
             return
         started = time.perf_counter()
         self.report = run_transport(trainer, pl_module, self.plan,
-                                    progress=self.progress and trainer.is_global_zero)
+                                    progress=self.progress and trainer.is_global_zero,
+                                    sharded=sharded)
         self.seconds = time.perf_counter() - started
         self.applied, self.applied_fingerprint = True, self.plan.fingerprint()
         self._publish(trainer)

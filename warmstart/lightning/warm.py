@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -33,6 +33,9 @@ from .batches import (
     take_inputs,
 )
 from .validation import monitored, quiet_validation
+
+if TYPE_CHECKING:
+    from .sharding import ShardedTarget
 
 DEFAULT_CALIBRATION_BATCHES = 8
 _HF_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
@@ -233,10 +236,15 @@ def _as_logged(report: TransportReport, plan: WarmStart) -> TransportReport:
 
 
 def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmStart,
-                  progress: bool = True) -> TransportReport:
-    """Transport into the target network of ``pl_module`` in place; returns the report."""
-    target = find_target(pl_module, plan.target_attribute)
+                  progress: bool = True, sharded: ShardedTarget | None = None) -> TransportReport:
+    """Transport into the target network of ``pl_module`` in place; returns the report.
+
+    ``sharded`` (under FSDP): the engine runs on its full copy, whose result goes to the shards.
+    """
+    target = find_target(pl_module, plan.target_attribute) if sharded is None else None
     evaluate = alpha_scorer(trainer, plan) if plan.options.alpha == "auto" else None
+    if sharded is not None:
+        target, evaluate = sharded.gather(trainer, evaluate)
     source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
     home = next((p.device for p in source.parameters()), torch.device("cpu"))
     target_in = source_in = None
@@ -263,6 +271,12 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
             target_calibration=target_in if source_in is not None else None,
             evaluate=evaluate, options=plan.options.replace(
                 calibration_batches=plan.calibration_batches), progress=progress)
+    except BaseException:
+        if sharded is not None:  # alpha='auto' trials may have written into the shards
+            sharded.restore(trainer)
+        raise
     finally:
         source.to(home)  # a module the user passed goes back where it was
+    if sharded is not None:
+        sharded.scatter(trainer)
     return _as_logged(report, plan) if evaluate is not None else report

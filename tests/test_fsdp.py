@@ -1,0 +1,76 @@
+"""``TaskVectorTransport`` into a target sharded by Lightning's FSDP strategies, 2 CPU processes
+(gloo): ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2, DTensor shards) and
+``FSDPStrategy`` (FSDP1, flat-parameter shards). Training starts from the same weights, bit for
+bit, as the same fit under DDP (same processes, same data shards, nothing sharded): the
+callback copies the target whole at setup, runs the engine on that copy filled with the gathered
+weights and writes the result back into the shards, in place. A target built in
+``configure_model`` cannot be copied before it is sharded: the callback fails at setup.
+
+All fits run in one subprocess (tests/fsdp_run.py) with a timeout, so a deadlock fails the test
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .fsdp_run import TARGET_WIDTH
+from .test_dropin import _vit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.fsdp_run", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _weights(run: Path, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(run / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize(("phase", "shard_type"), [("fsdp2", "DTensor"), ("fsdp1", "Parameter")])
+def test_sharded_target_gets_the_unsharded_weights(runs, phase, shard_type):
+    reference = _weights(runs / "ddp", 0)
+    torch.manual_seed(1)
+    untouched = _vit(TARGET_WIDTH, 2).state_dict()
+    assert not torch.equal(reference["net.blocks.1.mlp.fc1.weight"],
+                           untouched["blocks.1.mlp.fc1.weight"])  # the transport wrote
+    for rank in (0, 1):
+        info = json.loads((runs / phase / f"rank{rank}.json").read_text())
+        # really sharded: each rank holds about half of the weights, as DTensors (FSDP2) or
+        # flat parameters (FSDP1), and the optimizer holds the very parameters written into
+        assert info["local_numel"] < 0.6 * info["full_numel"], info
+        assert info["param_types"] == [shard_type]
+        assert info["optimizer_holds_module_params"]
+        weights = _weights(runs / phase, rank)
+        assert sorted(weights) == sorted(reference)
+        for name, value in reference.items():
+            assert torch.equal(weights[name], value), (phase, rank, name)
+    report = json.loads((runs / phase / "transport_report.json").read_text())
+    expected = json.loads((runs / "ddp" / "transport_report.json").read_text())
+    assert report["alpha"] == expected["alpha"]  # alpha='auto' scored on the sharded module
+    torch.testing.assert_close(torch.tensor(report["alpha_scores"]),
+                               torch.tensor(expected["alpha_scores"]), rtol=1e-6, atol=0)
+
+
+def test_target_built_in_configure_model_fails_at_setup(runs):
+    for rank in (0, 1):
+        message = (runs / "late" / f"rank{rank}.txt").read_text()
+        assert message.startswith("TaskVectorTransport under ModelParallelStrategy:")
+        assert "the transport needs the target network at setup" in message
+        assert "__init__" in message and "strategy='ddp'" in message
+        assert "warmstart transport" in message
