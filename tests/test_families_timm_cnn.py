@@ -243,6 +243,32 @@ def test_strict_transport_across_width_and_depth_accounts_for_every_parameter(pa
     assert rules["head.weight"] == "head"
 
 
+VARIANTS = {
+    "convnext_overlap_tiered_stem_head_hidden": lambda dims, depths, seed: convnext(
+        dims, depths, seed, stem_type="overlap_tiered", head_hidden_size=24),
+    "convnext_head_norm_first": lambda dims, depths, seed: convnext(
+        dims, depths, seed, head_norm_first=True),
+    "convnext_v2_grn_no_layer_scale_no_bias": lambda dims, depths, seed: convnext(
+        dims, depths, seed, use_grn=True, ls_init_value=None, conv_bias=False),
+    "resnet_plain_stem": lambda dims, depths, seed: resnet(dims, depths, seed, stem_type=""),
+    "resnet_deep_tiered_stem": lambda dims, depths, seed: resnet(
+        dims, depths, seed, stem_type="deep_tiered", stem_width=8),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient:UserWarning")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_stem_and_head_variants_are_described_completely(variant):
+    """Other stems, heads and block options: a strict transport across width and depth lists
+    every target tensor with a rule."""
+    make = VARIANTS[variant]
+    source = make((8, 12, 16, 8), (1, 1, 1, 1), 0)
+    target = make((12, 16, 20, 12), (1, 2, 1, 1), 1)
+    report = transport(source, finetuned(source), target, images(8, 32), progress=False)
+    floats = {k for k, v in target.state_dict().items() if v.is_floating_point()}
+    assert report.skipped == () and {p.name for p in report.params} == floats
+
+
 def test_grouped_convolutions_are_named_by_a_strict_transport():
     source = resnet((8, 8, 8, 8), (1, 1, 1, 1), bottleneck=True, cardinality=2, base_width=64)
     target = resnet((8, 8, 8, 8), (1, 1, 1, 1), bottleneck=True, cardinality=2, base_width=64)

@@ -7,6 +7,9 @@ the depthwise conv's input and output, the normalised and the MLP's output, all 
 channels) and ``mlp_hidden``. The stem writes into the first block's stream; a stage's
 downsample (LayerNorm2d + strided conv) reads the previous stage's last stream and writes the
 stage's first; the head norm and classifier read the last stream.
+
+Channels-last blocks declare their MLP points with layout ``last`` on [B, H, W, C] maps; the
+engine's row pairing does not accept those yet, so only ``conv_mlp`` models transport today.
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ def _block(b: _Builder, prefix: str, bid: BlockId, block: nn.Module) -> None:
               Point(f"{prefix}.mlp.fc2", "in", "fc2_in", mlp))
     b.params += _weights(f"{prefix}.mlp.fc1", fc1, "mlp.fc1", bid, hidden, resid)
     b.params += _weights(f"{prefix}.mlp.fc2", fc2, "mlp.fc2", bid, resid, hidden)
-    grn = block.mlp.norm  # ConvNeXt-V2's global response norm: a per-channel scale and shift
-    if getattr(grn, "weight", None) is not None:
-        b.params += norm_params(f"{prefix}.mlp.norm", "mlp.grn", bid, hidden, grn)
+    for name in ("norm", "grn"):  # a hidden-layer norm; ConvNeXt-V2's global response norm
+        norm = getattr(block.mlp, name, None)
+        if getattr(norm, "weight", None) is not None:
+            b.params += norm_params(f"{prefix}.mlp.{name}", f"mlp.{name}", bid, hidden, norm)
     if block.gamma is not None:
         b.params.append(ParamRole(f"{prefix}.gamma", "ls.gamma", bid, "gain", resid))
 
