@@ -106,7 +106,7 @@ def _texts(n_batches: int = 3, batch: int = 8, length: int = 12, seed: int = 3):
     return out
 
 
-def _lora(model: nn.Module, seed: int = 1, **config) -> PeftModel:
+def _lora(model: nn.Module, seed: int = 1, scale: float = 0.3, **config) -> PeftModel:
     """``model`` (copied) with a LoRA whose factors (and modules_to_save) are random: a trained
     adapter, as far as the transport can tell."""
     config.setdefault("target_modules", BERT_MODULES)
@@ -115,7 +115,7 @@ def _lora(model: nn.Module, seed: int = 1, **config) -> PeftModel:
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     return wrapped.eval()
 
 
@@ -442,11 +442,26 @@ def test_unsupported_peft_types_are_refused(tmp_path, kind):
                     f"{match}.*merge_and_unload")
 
 
-def test_lora_on_the_task_head_and_busy_out_dir_are_refused(tmp_path):
+def test_lora_on_the_head_moves_the_whole_head(tmp_path):
+    """LoRA on BERT's head (pooler and classifier, all 'dense' layers): the target's head is new,
+    so the merged head layers go into the target adapter's modules_to_save."""
     source = _bert()
     target, _ = _widen_bert(source)
-    on_head = _lora(source, target_modules=["query", "classifier"])
-    _assert_refused(tmp_path, source, on_head, target, "puts LoRA on the task head 'classifier'")
+    adapter = _lora(source, r=4, lora_alpha=8, scale=0.1,
+                    target_modules=["dense", "query", "classifier"])
+    report = transport_adapter(source, adapter, target, _texts(), tmp_path / "a", progress=False)
+    assert set(report.adapter["modules_to_save"]) == {"bert.pooler", "classifier"}
+    assert len(report.modules) == 8  # query and the three dense layers of each block
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
+    x = _texts(1, seed=11)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, adapter(**x).logits, atol=1e-4, rtol=0)
+        assert (target(**x).logits - adapter(**x).logits).abs().max() > 0.05
+
+
+def test_busy_out_dir_and_auto_alpha_are_refused(tmp_path):
+    source = _bert()
+    target, _ = _widen_bert(source)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")

@@ -16,6 +16,7 @@ target, merges the moved adapter into the target's weights, or writes it into a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import defaultdict
@@ -373,6 +374,7 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
     method = options.method
     skipped: list[tuple[str, str]] = []
     problems: list[tuple[str, str]] = []
+    lora = _heads_as_saved(lora, layout_s, source)
     lora_pairs, saved_pairs = _pairs(lora, layout_s, layout_t, matching, options, skipped,
                                      problems)
     if problems and options.strict:
@@ -425,6 +427,23 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
                         describe_pairings(pairings_used))
 
 
+def _heads_as_saved(lora: LoraSource, layout_s: ModelLayout, source: nn.Module) -> LoraSource:
+    """LoRA on a task head layer becomes that layer's merged weight (one small module): the
+    target's head is new, so it takes the whole trained head, as ``modules_to_save`` does."""
+    heads = {p.name for p in layout_s.params if p.rule in HEAD_RULES}
+    merged = [m for m in lora.modules if f"{m}.weight" in heads]
+    if not merged:
+        return lora
+    pretrained = source.state_dict()
+    saved = dict(lora.saved)
+    for m in merged:
+        weight = pretrained[f"{m}.weight"].detach().cpu()
+        merged_weight = weight.double() + lora.modules[m].dense()
+        saved.setdefault(f"{m}.weight", merged_weight.to(weight.dtype))
+    modules = {m: f for m, f in lora.modules.items() if m not in merged}
+    return dataclasses.replace(lora, modules=modules, saved=saved)
+
+
 class _StateView:
     """What :func:`.update._transport_params` reads of a target: its state dict (here possibly by
     the names of the unwrapped model, for a target already wrapped by PEFT)."""
@@ -451,12 +470,6 @@ def _pairs(lora: LoraSource, layout_s: ModelLayout, layout_t: ModelLayout, match
             problems.append((name, f"no rule of the source family ({layout_s.family}) describes "
                                    "this LoRA module"))
         for role in found:
-            if role.rule in HEAD_RULES:
-                raise ValueError(
-                    f"{lora.origin} puts LoRA on the task head {name!r}; the target's head is new "
-                    "(its weights are unrelated to the source's), so it needs the whole trained "
-                    "head, not a low-rank change of another one. Train the head as "
-                    "modules_to_save (PEFT's task_type='SEQ_CLS' does that) instead.")
             if role.rule not in _KINDS:
                 raise ValueError(f"{lora.origin}: LoRA module {name!r} plays {role.role!r} (rule "
                                  f"{role.rule!r}), which has no LoRA rule.")

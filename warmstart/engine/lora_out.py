@@ -44,7 +44,7 @@ from .matching import match
 from .options import TransportOptions, check_alpha_grid
 from .procrustes import resolve_solver
 from .transport_report import ParamReport, TransportReport
-from .update import Update, _map_report
+from .update import Update, _map_report, _warn_rank
 
 REPORT_NAME = "warmstart_report.json"
 
@@ -92,6 +92,7 @@ def _report(plan: _Plan, moved: MovedAdapter, alpha: float, timings: Mapping[str
     maps = tuple(_map_report(k, plan.matching.spaces[k].source_space
                                 if k in plan.matching.spaces else k, m)
                  for k, m in sorted(moved.maps.items(), key=lambda kv: str(kv[0])))
+    _warn_rank(maps, plan.options.completion)
     return AdapterReport(
         method=plan.options.method, alpha=float(alpha), source_family=plan.layout_s.family,
         target_family=plan.layout_t.family,
