@@ -459,9 +459,14 @@ def test_lora_on_the_head_moves_the_whole_head(tmp_path):
         assert (target(**x).logits - adapter(**x).logits).abs().max() > 0.05
 
 
-def test_busy_out_dir_and_auto_alpha_are_refused(tmp_path):
+def test_busy_out_dir_wrapped_source_and_auto_alpha_are_refused(tmp_path):
     source = _bert()
     target, _ = _widen_bert(source)
+    wrapped_in_place = copy.deepcopy(source)
+    adapter = get_peft_model(wrapped_in_place, LoraConfig(r=4, target_modules=["query"]))
+    _assert_refused(tmp_path, wrapped_in_place, adapter, target,
+                    r"source_pretrained carries PEFT layers \(e.g. 'bert.encoder.layer.0.attention."
+                    r"self.query'\): get_peft_model wraps the model it is given in place")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")

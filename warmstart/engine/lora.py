@@ -108,6 +108,12 @@ def is_adapter(obj: Any) -> bool:
 def read_adapter(adapter: Any, source: nn.Module, adapter_name: str | None = None) -> LoraSource:
     """The LoRA factors and ``modules_to_save`` of ``adapter`` (a folder or a PEFT model), named
     as ``source``'s modules and checked against their shapes."""
+    wrapped = next((n for n, m in source.named_modules() if hasattr(m, "lora_A")), None)
+    if wrapped is not None or is_adapter(source):
+        raise ValueError(
+            f"source_pretrained carries PEFT layers (e.g. {wrapped!r}): get_peft_model wraps the "
+            "model it is given in place, so this is no longer the base model. Pass a base model "
+            "without adapters (copy.deepcopy it before get_peft_model, or load it again).")
     if isinstance(adapter, (str, os.PathLike)):
         config, state, origin = _read_folder(Path(adapter))
     elif is_adapter(adapter):
