@@ -15,6 +15,9 @@ the test instead of hanging it.
   ``device_id=cpu`` are how FSDP1 runs on CPU at all.
 - ``late``: the ViT is built in ``configure_model`` under ``ModelParallelStrategy``; the callback
   fails at setup, and each rank writes the error to ``late/rank{r}.txt``.
+- ``fail``: as ``fsdp2``, but ``alpha_grid=(1.0, 1e300)``: the second trial overflows float32
+  after the first was written into the shards; the transport fails and the shards get their
+  weights back. Each rank writes the error and the full weights after it.
 - ``single``: one process, nothing sharded (for a manual comparison).
 
 The first 2-process fit starts the second process, which runs this script again; later fits reuse
@@ -110,33 +113,41 @@ def fit(out: Path, phase: str) -> None:
                 "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2,
                                                        tensor_parallel_size=1),
                 "late": lambda: ModelParallelStrategy(data_parallel_size=2,
-                                                      tensor_parallel_size=1)}[phase]()
-    kind = {"fsdp2": Fsdp2Module, "fsdp1": Fsdp1Module}.get(phase, TupleModule)
+                                                      tensor_parallel_size=1)}
+    strategy["fail"] = strategy["fsdp2"]
+    strategy = strategy[phase]()
+    kind = {"fsdp2": Fsdp2Module, "fail": Fsdp2Module, "fsdp1": Fsdp1Module}.get(phase,
+                                                                                TupleModule)
     module = LateModule() if phase == "late" else kind(_vit(TARGET_WIDTH, 2))
     # every rank calibrates and scores on 128 / devices of the 128 examples: all of them together
     warm = TaskVectorTransport(source, finetuned.state_dict(), progress=False,
                                calibration_batches=8 // devices, alpha="auto",
-                               alpha_grid=(0.5, 1.0, 2.0), alpha_val_batches=8 // devices)
+                               alpha_grid=(1.0, 1e300) if phase == "fail" else (0.5, 1.0, 2.0),
+                               alpha_val_batches=8 // devices)
     (out / phase).mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=out / phase, limit_val_batches=8 // devices,
         callbacks=[warm, SaveAtStart(out / phase)])
-    if phase != "late":
+    if phase not in ("late", "fail"):
         trainer.fit(module, data, data)
         return
     try:
         trainer.fit(module, data, data)
-    except AttributeError as err:
+    except (AttributeError, ValueError) as err:
         (out / phase / f"rank{trainer.global_rank}.txt").write_text(str(err))
+    if phase == "fail":  # the weights the shards hold after the failed transport
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        torch.save({k: v.detach().clone() for k, v in full.items()},
+                   out / phase / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--phases", nargs="+", default=["ddp", "fsdp2", "fsdp1", "late"],
-                        choices=("ddp", "fsdp2", "fsdp1", "late", "single"))
+    parser.add_argument("--phases", nargs="+", default=["ddp", "fsdp2", "fsdp1", "fail", "late"],
+                        choices=("ddp", "fsdp2", "fsdp1", "fail", "late", "single"))
     args = parser.parse_args()
     for phase in args.phases:
         fit(args.out, phase)

@@ -67,6 +67,19 @@ def test_sharded_target_gets_the_unsharded_weights(runs, phase, shard_type):
                                torch.tensor(expected["alpha_scores"]), rtol=1e-6, atol=0)
 
 
+def test_failed_transport_leaves_the_shards_untouched(runs):
+    """An ``alpha='auto'`` trial was written into the shards before a later trial failed."""
+    torch.manual_seed(1)
+    untouched = _vit(TARGET_WIDTH, 2).state_dict()
+    for rank in (0, 1):
+        message = (runs / "fail" / f"rank{rank}.txt").read_text()
+        assert "is not finite" in message, message
+        weights = _weights(runs / "fail", rank)
+        assert sorted(weights) == sorted(f"net.{k}" for k in untouched)
+        for name, value in untouched.items():
+            assert torch.equal(weights[f"net.{name}"], value), (rank, name)
+
+
 def test_target_built_in_configure_model_fails_at_setup(runs):
     for rank in (0, 1):
         message = (runs / "late" / f"rank{rank}.txt").read_text()
