@@ -276,6 +276,31 @@ def test_head_count_change_duplicates_heads_exactly(target_heads):
         _check_transport(source, dense, finetuned)
 
 
+def test_permuted_heads_need_matched_pairing():
+    """kv groups swapped and query heads shuffled inside them (the same function): pairing heads
+    by position maps the wrong heads; pairing them by their statistics is exact."""
+    q_pair, kv_pair = [3, 2, 0, 1], [1, 0]
+    source, target = _llama_pair(q_pair=q_pair, kv_pair=kv_pair)
+    finetuned = _finetune(source)
+    with heads.head_mode("rope", "matched"):
+        _check_transport(source, copy.deepcopy(target), finetuned)
+    with heads.head_mode("rope", "position"), pytest.raises(AssertionError):
+        _check_transport(source, copy.deepcopy(target), finetuned)
+
+
+@pytest.mark.parametrize("target_heads", [(8, 4), (8, 2)], ids=["kv2to4", "group2to4"])
+def test_matched_pairing_duplicates_heads_exactly(target_heads):
+    n_q, n_kv = target_heads
+    g_t = n_q // n_kv
+    kv_pair = [int(j / (n_kv - 1) + 0.5) for j in range(n_kv)]
+    q_pair = [kv_pair[h // g_t] * 2 + int((h % g_t) / (g_t - 1) + 0.5) for h in range(n_q)]
+    source, target = _llama_pair(target_kw={"num_attention_heads": n_q,
+                                            "num_key_value_heads": n_kv},
+                                 q_pair=q_pair, kv_pair=kv_pair)
+    with heads.head_mode("rope", "matched"):
+        _check_transport(source, target, _finetune(source))
+
+
 def test_head_dim_change_keeps_rotary_planes_and_scores():
     """head_dim 8 -> 16 at the same RoPE base: source plane i turns exactly like target plane 2i;
     a target whose heads embed the source's planes there (scaled to keep the scores) is exact."""

@@ -15,7 +15,10 @@ receives that head's query, key and value change in full, and its output-project
 together add the source head's output change once. That is exact for a target that duplicates
 heads (splitting the output projection among the copies) and otherwise spreads the head's effect
 over its copies. When the target has fewer heads, the unpaired source heads' changes are dropped
-(they show as a rank below the narrower width in the report).
+(they show as a rank below the narrower width in the report). ``pairing="matched"`` pairs heads by
+their statistics instead (the nuclear norms of the head pairs' cross blocks, assigned one to one
+with the Hungarian method, kv groups first, then the query heads inside them; extra target heads
+take their best source head), for targets whose heads are not where the source's are.
 
 Maps. Per group pair, queries and keys share one ``head_dim_s x head_dim_t`` map (estimated from the
 key head pair and all query head pairs of the group together), so every q.k product of the group is
@@ -55,19 +58,26 @@ from .procrustes import CrossStatistics, ProcrustesMap, procrustes_map
 Mode = Literal["dense", "heads", "rope"]
 MODES = ("dense", "heads", "rope")
 DEFAULT_MODE: Mode = "rope"
+Pairing = Literal["position", "matched"]
+PAIRINGS = ("position", "matched")
+DEFAULT_PAIRING: Pairing = "position"
 
 
 @contextmanager
-def head_mode(mode: Mode) -> Iterator[None]:
-    """Use ``mode`` for the attention maps inside the block (benchmarks compare the modes)."""
-    global DEFAULT_MODE
+def head_mode(mode: Mode, pairing: Pairing | None = None) -> Iterator[None]:
+    """Use ``mode`` (and ``pairing``) for the attention maps inside the block (benchmarks
+    compare them)."""
+    global DEFAULT_MODE, DEFAULT_PAIRING
     if mode not in MODES:
         raise ValueError(f"head map mode must be one of {MODES}, got {mode!r}.")
-    previous, DEFAULT_MODE = DEFAULT_MODE, mode
+    if pairing is not None and pairing not in PAIRINGS:
+        raise ValueError(f"head pairing must be one of {PAIRINGS}, got {pairing!r}.")
+    previous = DEFAULT_MODE, DEFAULT_PAIRING
+    DEFAULT_MODE, DEFAULT_PAIRING = mode, pairing or DEFAULT_PAIRING
     try:
         yield
     finally:
-        DEFAULT_MODE = previous
+        DEFAULT_MODE, DEFAULT_PAIRING = previous
 
 
 @dataclass(frozen=True)
@@ -179,10 +189,13 @@ def _attention_maps(spaces, found, options: TransportOptions, mode: Mode
     parts = _parts(spaces, found, att_s, att_t)
     if mode == "dense":
         return _dense_maps(spaces, found, parts, att_s, att_t, options)
-    kv_pair = relative_depth(att_s.n_kv_heads, att_t.n_kv_heads)
-    in_group = relative_depth(att_s.group, att_t.group)
-    q_pair = [kv_pair[h // att_t.group] * att_s.group + in_group[h % att_t.group]
-              for h in range(att_t.n_heads)]
+    if DEFAULT_PAIRING == "matched":
+        kv_pair, q_pair = _matched_pairs(parts, att_s, att_t, options)
+    else:
+        kv_pair = relative_depth(att_s.n_kv_heads, att_t.n_kv_heads)
+        in_group = relative_depth(att_s.group, att_t.group)
+        q_pair = [kv_pair[h // att_t.group] * att_s.group + in_group[h % att_t.group]
+                  for h in range(att_t.n_heads)]
     shared = [q_pair.count(h) for h in range(att_s.n_heads)]
     rope = mode == "rope" and att_s.rope is not None and att_t.rope is not None
     planes = _pair_planes(att_s.rope, att_t.rope) if rope else None
@@ -230,6 +243,58 @@ def _attention_maps(spaces, found, options: TransportOptions, mode: Mode
                     rank, completed = rank + fit.rank, completed + fit.completed
         out[key] = _report(acc, transport, rank, completed, options)
     return out
+
+
+def _head_scores(part: _Part | None, n_s: int, n_t: int, hd_s: int, hd_t: int,
+                 options: TransportOptions) -> Tensor:
+    """``[n_s, n_t]``: the nuclear norm of every head pair's cross block (how much of the two
+    heads' rows one isometry can align; 0 where the part is absent)."""
+    if part is None:
+        return torch.zeros(n_s, n_t, dtype=torch.float64)
+    rows = slice(part.offset_s, part.offset_s + n_s * hd_s)
+    cols = slice(part.offset_t, part.offset_t + n_t * hd_t)
+    cross = _processed(part.stats, rows, cols, options)
+    blocks = cross.reshape(n_s, hd_s, n_t, hd_t).permute(0, 2, 1, 3)
+    return torch.linalg.svdvals(blocks).sum(-1).cpu()
+
+
+def _assign(scores: Tensor) -> list[int]:
+    """Source index for every target column: the best one-to-one assignment, and for target
+    columns left over (more targets than sources) their best-scoring source."""
+    rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
+    out = scores.argmax(0).tolist()
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        out[c] = r
+    return out
+
+
+def _matched_pairs(parts, att_s: _Attention, att_t: _Attention, options: TransportOptions
+                   ) -> tuple[list[int], list[int]]:
+    """Heads paired by their statistics instead of their positions.
+
+    Query heads score by their query and output blocks, kv heads by their key and value blocks;
+    a kv group pair scores its kv heads plus the best assignment of its query heads. Groups are
+    assigned one to one where possible (extra target groups take their best source group), then
+    the query heads inside each paired group likewise.
+    """
+    hd_s, hd_t, g_s, g_t = att_s.head_dim, att_t.head_dim, att_s.group, att_t.group
+    q = (_head_scores(parts.get("q"), att_s.n_heads, att_t.n_heads, hd_s, hd_t, options)
+         + _head_scores(parts.get("o"), att_s.n_heads, att_t.n_heads, hd_s, hd_t, options))
+    kv = (_head_scores(parts.get("k"), att_s.n_kv_heads, att_t.n_kv_heads, hd_s, hd_t, options)
+          + _head_scores(parts.get("v"), att_s.n_kv_heads, att_t.n_kv_heads, hd_s, hd_t,
+                         options))
+    inner: dict[tuple[int, int], list[int]] = {}
+    groups = kv.clone()
+    for i in range(att_s.n_kv_heads):
+        for j in range(att_t.n_kv_heads):
+            block = q[i * g_s:(i + 1) * g_s, j * g_t:(j + 1) * g_t]
+            inner[i, j] = _assign(block)
+            rows, cols = linear_sum_assignment(block.numpy(), maximize=True)
+            groups[i, j] += float(block[rows, cols].sum())
+    kv_pair = _assign(groups)
+    q_pair = [kv_pair[h // g_t] * g_s + inner[kv_pair[h // g_t], h // g_t][h % g_t]
+              for h in range(att_t.n_heads)]
+    return kv_pair, q_pair
 
 
 @dataclass(frozen=True)
