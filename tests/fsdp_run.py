@@ -18,6 +18,9 @@ the test instead of hanging it.
 - ``fail``: as ``fsdp2``, but ``alpha_grid=(1.0, 1e300)``: the second trial overflows float32
   after the first was written into the shards; the transport fails and the shards get their
   weights back. Each rank writes the error and the full weights after it.
+- ``meta``: a two-layer MLP built on the meta device (``trainer.init_module(empty_init=True)``),
+  so the copy taken at setup has no storage; ``ModelParallelStrategy`` materialises the live
+  module, ``fully_shard`` per layer. ``meta/before_rank{r}.pt`` holds the materialised weights.
 - ``single``: one process, nothing sharded (for a manual comparison).
 
 The first 2-process fit starts the second process, which runs this script again; later fits reuse
@@ -39,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from warmstart import TaskVectorTransport
 
-from .test_dropin import N_CLASSES, TupleModule, _vit
+from .test_dropin import N_CLASSES, TupleModule, _mlp, _vit
 
 SOURCE_WIDTH, TARGET_WIDTH = 16, 24
 
@@ -63,6 +66,15 @@ class Fsdp1Module(TupleModule):
                                             auto_wrap_policy=ModuleWrapPolicy({Block}))
 
 
+class MlpFsdp2Module(TupleModule):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 class LateModule(TupleModule):
     """Builds its network in ``configure_model``: nothing to copy at setup."""
 
@@ -78,12 +90,22 @@ class CpuFSDPStrategy(FSDPStrategy):
 
 
 class SaveAtStart(L.Callback):
-    """The full weights training starts from, and what the shards look like, on every rank."""
+    """The full weights training starts from, and what the shards look like, on every rank;
+    with ``before=True``, the weights at fit start (listed before the transport: before it)."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, before: bool = False):
+        self.out, self.before = out, before
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.before:
+            full = get_model_state_dict(trainer.strategy.model,
+                                        options=StateDictOptions(full_state_dict=True))
+            torch.save({k: v.detach().clone() for k, v in full.items()},
+                       self.out / f"before_rank{trainer.global_rank}.pt")
 
     def on_train_start(self, trainer, pl_module):
+        if self.before:
+            return
         root = trainer.strategy.model
         full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True))
         rank = trainer.global_rank
@@ -143,14 +165,45 @@ def fit(out: Path, phase: str) -> None:
                    out / phase / f"rank{trainer.global_rank}.pt")
 
 
+def mlp_case() -> tuple:
+    """The ``meta`` phase's source, fine-tuned source and data (the test rebuilds them)."""
+    torch.manual_seed(0)
+    source, finetuned = _mlp(16), _mlp(16)
+    finetuned.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        for p in finetuned.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(128, 12)
+    return source, finetuned, DataLoader(TensorDataset(x, (x[:, :3] * 3).argmax(-1)),
+                                         batch_size=16)
+
+
+def fit_meta(out: Path) -> None:
+    source, finetuned, data = mlp_case()
+    (out / "meta").mkdir(parents=True, exist_ok=True)
+    warm = TaskVectorTransport(source, finetuned.state_dict(), progress=False,
+                               calibration_batches=4)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=out / "meta", limit_val_batches=1,
+        callbacks=[SaveAtStart(out / "meta", before=True), warm, SaveAtStart(out / "meta")])
+    with trainer.init_module(empty_init=True):
+        module = MlpFsdp2Module(_mlp(24))
+    assert all(p.is_meta for p in module.parameters())
+    trainer.fit(module, data, data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--phases", nargs="+", default=["ddp", "fsdp2", "fsdp1", "fail", "late"],
-                        choices=("ddp", "fsdp2", "fsdp1", "fail", "late", "single"))
+    parser.add_argument("--phases", nargs="+",
+                        default=["ddp", "fsdp2", "fsdp1", "fail", "meta", "late"],
+                        choices=("ddp", "fsdp2", "fsdp1", "fail", "meta", "late", "single"))
     args = parser.parse_args()
     for phase in args.phases:
-        fit(args.out, phase)
+        fit_meta(args.out) if phase == "meta" else fit(args.out, phase)
 
 
 if __name__ == "__main__":

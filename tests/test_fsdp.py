@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .fsdp_run import TARGET_WIDTH
-from .test_dropin import _vit
+from warmstart import transport
+
+from .fsdp_run import TARGET_WIDTH, mlp_case
+from .test_dropin import _mlp, _vit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,6 +80,23 @@ def test_failed_transport_leaves_the_shards_untouched(runs):
         assert sorted(weights) == sorted(f"net.{k}" for k in untouched)
         for name, value in untouched.items():
             assert torch.equal(weights[f"net.{name}"], value), (rank, name)
+
+
+def test_target_built_on_the_meta_device(runs):
+    """The copy taken at setup is on the meta device; it gets storage and the gathered weights
+    at fit start. The result is the engine's on the materialised weights in one process."""
+    before = torch.load(runs / "meta" / "before_rank0.pt")
+    assert all(torch.isfinite(v).all() for v in before.values())
+    source, finetuned, data = mlp_case()
+    expected = _mlp(24)
+    expected.load_state_dict({k.removeprefix("net."): v for k, v in before.items()})
+    transport(source, finetuned, expected, [x for x, _ in data], progress=False)
+    rank0 = _weights(runs / "meta", 0)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(rank0[f"net.{name}"], _weights(runs / "meta", 1)[f"net.{name}"])
+        assert not torch.equal(rank0[f"net.{name}"], before[f"net.{name}"]), name
+        # the same sums over the same examples, added in another order
+        torch.testing.assert_close(rank0[f"net.{name}"], value, atol=1e-6, rtol=1e-5)
 
 
 def test_target_built_in_configure_model_fails_at_setup(runs):

@@ -62,6 +62,23 @@ def _resharded(root: nn.Module) -> nn.Module:
     return root
 
 
+def _materialize(network: nn.Module, device: torch.device) -> None:
+    """Storage for a copy taken on the meta device (``init_module(empty_init=True)``), with
+    parameters shared between modules (tied embeddings) shared again afterwards."""
+    if not any(t.is_meta for t in (*network.parameters(), *network.buffers())):
+        return
+    first: dict[int, str] = {}
+    ties = []
+    for name, param in network.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            ties.append((name, first[id(param)]))
+        first.setdefault(id(param), name)
+    network.to_empty(device=device)  # new parameter objects: ties are lost here
+    for name, tied_to in ties:
+        owner, _, attr = name.rpartition(".")
+        setattr(network.get_submodule(owner), attr, network.get_parameter(tied_to))
+
+
 @dataclass
 class ShardedTarget:
     """A full, unsharded copy of the target network, and where its weights live in the sharded
@@ -124,6 +141,7 @@ class ShardedTarget:
         prefix, module = self.prefix, trainer.lightning_module
         buffers = {_clean(n)[len(prefix):]: b for n, b in module.named_buffers()
                    if _clean(n).startswith(prefix)}  # non-persistent ones too (not in `full`)
+        _materialize(self.network, trainer.strategy.root_device)
         with torch.no_grad():
             for name, tensor in (*self.network.named_parameters(),
                                  *self.network.named_buffers()):
@@ -143,7 +161,7 @@ class ShardedTarget:
             raise RuntimeError(f"TaskVectorTransport under {self.strategy}: {name} has shape "
                                f"{tuple(value.shape)} in the sharded target but "
                                f"{tuple(tensor.shape)} in the network copied at setup.")
-        if tensor.is_meta or tensor.dtype != value.dtype or tensor.device != value.device:
+        if tensor.dtype != value.dtype or tensor.device != value.device:
             tensor.data = torch.empty_like(value)  # same object: tied weights stay tied
         tensor.copy_(value)
 
