@@ -122,6 +122,8 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"{where}: source batch has {source.shape[0]} examples, target "
                          f"{target.shape[0]}; feed both models the same calibration examples.")
+    if layout == "last" and source.ndim == 4 and target.ndim == 4:  # channels-last maps
+        source, target, layout = source.movedim(-1, 1), target.movedim(-1, 1), "channels"
     if layout == "channels":
         if source.shape[-2:] != target.shape[-2:]:
             source = F.interpolate(source.float(), size=target.shape[-2:], mode="bilinear",
@@ -297,7 +299,8 @@ def collect_statistics(
             check_finite(act, "source", key)
             # a module called again in one forward pass (DeBERTa-v3's query/key projections
             # also project the relative position embeddings) is observed at its first call
-            stored.setdefault(key, act.detach())
+            if key not in stored:  # a copy: later in-place ops (ReLU, residual adds) reuse it
+                stored[key] = act.detach().clone()
             if stop_early and len(stored) == len(source_keys):
                 raise _Enough
         return fn

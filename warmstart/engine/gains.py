@@ -94,7 +94,9 @@ def gain_point(role: ParamRole, space: Space | None) -> Point:
     """Where the gain's normalised features are seen: its module's output, laid out (and in the
     token sequence) like the points of the space it scales."""
     module, _ = module_of(role)
-    first = space.points[0] if space is not None and space.points else None
+    points = space.points if space is not None else ()
+    own = [p for p in points if p.module == module and p.side == "out"]
+    first = own[0] if own else (points[0] if points else None)
     layout = first.layout if first is not None else "last"
     point = Point(module, "out", "gain", layout)
     sequence = getattr(first, "sequence", None)

@@ -61,3 +61,42 @@ def head_hidden_map(key: SpaceKey, d_target: int, pairs: Sequence,
     device = next(iter(maps.values())).map.device if maps else torch.device("cpu")
     return ProcrustesMap(t.to(device), rank=n, n_rows=0, residual=0.0, alignment=1.0)
 
+
+
+# The target's first head layer starts as ``PASS_THROUGH_SCALE * identity``: ``tanh(c x)`` is
+# ``c x`` to within (c x)^2 / 3 relative for the O(1) features of a normed stream.
+PASS_THROUGH_SCALE = 0.05
+
+
+def pass_through(key: SpaceKey, layout_t, maps: Mapping[SpaceKey, ProcrustesMap],
+                 target_state: Mapping[str, Tensor]
+                 ) -> tuple[ProcrustesMap, dict[str, Tensor], list[tuple[str, str]]]:
+    """The target has a two-layer head and the source one layer: the target's ``dense`` is set
+    to pass the transported features through (``c * I``, zero bias, so that ``tanh(c x) ~ c x``)
+    and its output layer reads them through the stream's map divided by ``c``.
+
+    Returns the map of the head's hidden space, the values of the dense layer and, for the
+    report, ``(parameter, decision)`` pairs.
+    """
+    dense = [p for p in layout_t.params if p.space_out == key and p.rule == "head_linear"]
+    bias = [p for p in layout_t.params if p.space_out == key and p.rule == "head_vector"]
+    weight = target_state[dense[0].name]
+    stream = maps.get(dense[0].space_in)
+    if stream is None or weight.shape[0] != weight.shape[1]:
+        raise ValueError(
+            f"the target's task head has a hidden layer ({dense[0].name}, shape "
+            f"{tuple(weight.shape)}) that the source's one-layer head lacks; it can be "
+            "initialised to pass the transported features through only when it is square and "
+            "reads the residual stream. Give the source a head of the target's shape, or pass "
+            "strict=False to keep the target's head as it is.")
+    c = PASS_THROUGH_SCALE
+    values = {dense[0].name: c * torch.eye(weight.shape[0], dtype=torch.float64,
+                                           device=stream.map.device)}
+    values.update({b.name: torch.zeros(weight.shape[0], dtype=torch.float64,
+                                       device=stream.map.device) for b in bias})
+    decision = (f"no counterpart in the source's one-layer head: initialised to pass the "
+                f"transported features through ({c} * identity, zero bias); the output layer "
+                f"reads them through the stream's map / {c}")
+    mapped = ProcrustesMap(stream.map / c, stream.rank, stream.n_rows, stream.residual,
+                           stream.alignment, stream.completed)
+    return mapped, values, [(name, decision) for name in values]

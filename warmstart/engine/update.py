@@ -15,7 +15,7 @@ from .activations import SpacePairing, collect_statistics, model_device
 from .checks import _warn_zero
 from .families.base import ModelLayout, ParamRole, SpaceKey
 from .gains import GainStatistics
-from .head_hidden import HEAD_RULES, head_hidden_map
+from .head_hidden import HEAD_RULES, head_hidden_map, pass_through
 from .heads import head_maps
 from .matching import Matching
 from .options import TransportOptions
@@ -81,6 +81,7 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     pairings_used: dict[str, int] = {}
     deltas, values, scales, reports, map_reports = {}, {}, {}, [], []
     pending, done = list(pairs), set()
+    pass_through_notes: list[tuple[str, str]] = []
     for i, group in enumerate(groups):
         last = i == len(groups) - 1
         if group:
@@ -96,8 +97,16 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
             done |= group
         if last and method != "slice":
             for key in sorted(fixed, key=str):
-                maps[key] = head_hidden_map(key, layout_t.space(key).width, pairs, finetuned,
-                                            maps, opts.head_hidden)
+                if any(pp.target.space_out == key for pp in pairs):
+                    maps[key] = head_hidden_map(key, layout_t.space(key).width, pairs,
+                                                finetuned, maps, opts.head_hidden)
+                else:  # the source's head has one layer: the target's first passes through
+                    maps[key], passed, decisions = pass_through(key, layout_t, maps,
+                                                                target.state_dict())
+                    values.update(passed)
+                    reports += [ParamReport(n, "head.dense", "head_pass_through", None, 0.0,
+                                            float(passed[n].norm()), str(key)) for n in passed]
+                    pass_through_notes.extend(decisions)
             done |= fixed
         ready = [pp for pp in pending if last or {pp.target.space_in, pp.target.space_out}
                  - {None} <= done]
@@ -207,9 +216,18 @@ def _check_coverage(layout_s, layout_t, matching, tau, target, embeddings, stric
                 if v.is_floating_point() and n not in described_t]
     problems += [(n, "no family rule describes it (source)") for n in tau if n not in described_s]
     zero_ok = {"embedding"} if embeddings == "zero" else set()
+    # a two-layer target head against a one-layer source head: the target's first layer is
+    # initialised to pass features through (head_hidden.pass_through), a documented decision
+    one_layer_source = not any(p.rule == "head_linear" for p in layout_s.params)
+    decided = {"head_linear", "head_vector"} if one_layer_source else set()
+    problems += [(p.name, f"the source's task head has this hidden layer ({p.role}), the "
+                  f"target's ({layout_t.family}) has one layer; no rule drops it")
+                 for p in layout_s.params if p.rule in ("head_linear", "head_vector")
+                 and not any(q.rule == "head_linear" for q in layout_t.params)]
     rules_t = {p.name: p.rule for p in layout_t.params}
     rules_s = {p.name: p.rule for p in layout_s.params}
-    problems += [(n, r) for n, r in matching.unmatched_target if rules_t.get(n) not in zero_ok]
+    problems += [(n, r) for n, r in matching.unmatched_target
+                 if rules_t.get(n) not in zero_ok | decided]
     listed_zero = [(n, f"zero delta: embeddings='zero' ({r})") for n, r in matching.unmatched_target
                    if rules_t.get(n) in zero_ok]
     problems += [(n, r) for n, r in matching.unmatched_source
