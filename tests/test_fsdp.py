@@ -16,15 +16,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from warmstart import transport
+from warmstart.lightning.sharding import ShardedTarget
 
 from .fsdp_run import TARGET_WIDTH, mlp_case
-from .test_dropin import _mlp, _vit
+from .test_dropin import TupleModule, _mlp, _vit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,3 +110,18 @@ def test_target_built_in_configure_model_fails_at_setup(runs):
         assert "the transport needs the target network at setup" in message
         assert "__init__" in message and "strategy='ddp'" in message
         assert "warmstart transport" in message
+
+
+def test_target_that_cannot_be_copied_fails_at_setup():
+    """A network holding something deepcopy refuses (here a lock, as a network holding a handle
+    to a live resource does): the error names the strategy, the network and the way out."""
+    net = _mlp(24)
+    net.lock = threading.Lock()
+    trainer = L.Trainer(accelerator="cpu", devices=2, logger=False,
+                        strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                       tensor_parallel_size=1))
+    with pytest.raises(TypeError, match=r"under ModelParallelStrategy copies the target network "
+                                        r"at setup.*Sequential cannot be deep-copied.*ddp"):
+        ShardedTarget.at_setup(trainer, TupleModule(net), None)
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert ShardedTarget.at_setup(single, TupleModule(net), None) is None  # not sharded: no copy

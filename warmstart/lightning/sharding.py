@@ -42,11 +42,21 @@ def _clean(name: str) -> str:
     return name
 
 
+def _fsdp2_module() -> type | tuple:
+    """FSDP2's module class (``fully_shard``), public in torch.distributed.fsdp since torch 2.6."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch: no FSDP2 module can exist here
+        return ()
+    return FSDPModule
+
+
 def _is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules()) \
+    wrappers = (FullyShardedDataParallel, _fsdp2_module())
+    return any(isinstance(m, wrappers) for m in module.modules()) \
         or any(isinstance(p, DTensor) for p in module.parameters())
 
 
@@ -54,10 +64,8 @@ def _resharded(root: nn.Module) -> nn.Module:
     """``root`` with every FSDP2 module back in its shards: after a forward without backward
     (a validation) the root module keeps its gathered weights, which torch's state-dict
     functions then take for unsharded ones, and a write would not reach the shards."""
-    from torch.distributed.fsdp import FSDPModule
-
     for module in root.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, _fsdp2_module()):
             module.reshard()
     return root
 
@@ -104,8 +112,9 @@ class ShardedTarget:
                 f"TaskVectorTransport under {name}: {err} Under {name} the transport needs the "
                 "target network at setup, to copy it whole before the strategy shards it "
                 "(configure_model runs after setup); build the network in the LightningModule's "
-                "__init__ (under `trainer.init_module(empty_init=True)` or on the meta device "
-                f"it costs no memory until {name} materialises it). {_WORKAROUND}") from err
+                "__init__ (built under `trainer.init_module(empty_init=True)`, on the meta "
+                f"device, it takes no memory until {name} materialises it). {_WORKAROUND}"
+            ) from err
         if _is_sharded(target):
             raise ValueError(
                 f"TaskVectorTransport under {name}: the target network "
