@@ -459,6 +459,23 @@ def test_lora_on_the_head_moves_the_whole_head(tmp_path):
         assert (target(**x).logits - adapter(**x).logits).abs().max() > 0.05
 
 
+def test_one_layer_source_head_into_a_two_layer_target_head(tmp_path):
+    """The project's text classifier (encoder, mean pooling, linear head) into BERT's sequence
+    classifier (pooler -> classifier): the pooler passes the features through."""
+    from warmstart.lightning.models import TextClassifierNet
+
+    torch.manual_seed(0)
+    source = TextClassifierNet(_bert(BertModel), 3).eval()
+    target = _bert(d=48, seed=4)
+    adapter = _lora(source, r=4, modules_to_save=["head"])
+    report = transport_adapter(source, adapter, target, _texts(), tmp_path / "a", progress=False)
+    assert set(report.adapter["modules_to_save"]) == {"bert.pooler", "classifier"}
+    assert any(p.rule == "head_pass_through" for p in report.params)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**_texts(1)[0]).logits).all()
+
+
 def test_busy_out_dir_wrapped_source_and_auto_alpha_are_refused(tmp_path):
     source = _bert()
     target, _ = _widen_bert(source)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import rules
 from .families.base import ModelLayout, ParamRole
-from .head_hidden import HEAD_RULES, head_hidden_map
+from .head_hidden import HEAD_RULES, head_hidden_map, pass_through
 from .matching import Matching, ParamPairing
 from .options import TransportOptions
 from .procrustes import ProcrustesMap
@@ -396,17 +396,26 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
     all_pairs = [pp for pairs in lora_pairs.values() for pp in pairs] + saved_pairs
     maps: dict[Any, ProcrustesMap] = {}
     pairings_used: dict[str, int] = {}
+    passed: dict[str, Tensor] = {}  # a target head layer the source lacks: passes through
     if method != "slice" and all_pairs:
         needed = {k for pp in all_pairs for k in (pp.target.space_in, pp.target.space_out) if k}
         fixed = {k for k in needed if getattr(layout_t.space(k), "fixed", False)}
+        through = {k for k in fixed if not any(pp.target.space_out == k for pp in saved_pairs)}
+        needed |= {p.space_in for p in layout_t.params
+                   if p.space_out in through and p.rule == "head_linear" and p.space_in}
         if needed - fixed:
             maps, _ = compute_maps(source, target, layout_s, layout_t, matching, needed - fixed,
                                    calibration, target_calibration, options, progress, timings,
                                    pairings_used=pairings_used)
         finetuned = _saved_values(lora, saved_pairs, source)
         for key in sorted(fixed, key=str):
-            maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs, finetuned,
-                                        maps, options.head_hidden)
+            if key in through:
+                maps[key], values_k, decisions = pass_through(key, layout_t, maps, state_t)
+                passed.update(values_k)
+                skipped += decisions
+            else:
+                maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs,
+                                            finetuned, maps, options.head_hidden)
     modules, module_reports = {}, []
     for name_t, pairs in sorted(lora_pairs.items()):
         factors = lora.modules[module_of(pairs[0].source.name)]
@@ -427,6 +436,9 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
         tau = {k: v.double() - pretrained[k].detach().cpu().double() for k, v in finetuned.items()}
         deltas, values, scales, reports = _transport_params(
             saved_pairs, tau, finetuned, _StateView(state_t), maps, method, {})
+    values = {**values, **passed}
+    reports = (*reports, *(ParamReport(n, "head.dense", "head_pass_through", None, 0.0,
+                                       float(v.norm())) for n, v in passed.items()))
     saved, saved_modules = _saved_state(deltas, values, scales, state_t, alpha)
     return MovedAdapter(modules, saved, saved_modules, deltas, values, scales,
                         tuple(module_reports), tuple(reports), maps, tuple(skipped),
