@@ -245,14 +245,19 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
     evaluate = alpha_scorer(trainer, plan) if plan.options.alpha == "auto" else None
     if sharded is not None:
         target, evaluate = sharded.gather(trainer, evaluate)
-    source = build_source(plan.source_pretrained, target, plan.source_model_kwargs)
+    network = target
+    if is_adapter(target):  # PEFT-wrapped: names, head and forward are the base model's
+        from ..engine.lora_out import plain_view
+
+        network = plain_view(target)
+    source = build_source(plan.source_pretrained, network, plan.source_model_kwargs)
     home = next((p.device for p in source.parameters()), torch.device("cpu"))
     target_in = source_in = None
     if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
         with isolate_rng():  # the training run's data order stays what it would have been
             batches = (trainer.strategy.batch_to_device(b) for b in calibration_loader(trainer))
-            target_in, source_in = take_inputs(batches, plan.calibration_batches, target,
-                                               _target_inputs(trainer, target, plan),
+            target_in, source_in = take_inputs(batches, plan.calibration_batches, network,
+                                               _target_inputs(trainer, network, plan),
                                                _source_inputs(plan))
         if source_in is not None and plan.source_inputs is None:
             _check_splits(source_in, target_in, plan)
