@@ -76,7 +76,10 @@ class TaskVectorTransport(Callback):
             a Hugging Face folder is loaded with the target's own ``AutoModelFor...`` class).
         source_finetuned: the fine-tuned source: a checkpoint path (Lightning ``.ckpt`` from any
             module, safetensors, ``.pt``/``.bin``, a Hugging Face folder), a module or a state
-            dict. A wrapper prefix (``net.``, ``model.model.``) is found and stripped.
+            dict. A wrapper prefix (``net.``, ``model.model.``) is found and stripped. Or a LoRA
+            adapter (a PEFT adapter folder or ``PeftModel``): merged into a plain target, or,
+            when the module wraps the target with PEFT (``get_peft_model``), written into the
+            target's own LoRA factors in place (a warm-started LoRA fine-tuning).
         options: the transport options (:class:`~warmstart.TransportOptions`); keyword
             ``option_values`` (e.g. ``alpha=2.0``) replace single fields. Calibration uses
             ``options.calibration_batches`` training batches (8 when unset).
