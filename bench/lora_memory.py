@@ -84,7 +84,7 @@ def _model(widths: dict, layers: int, vocab: int, seed: int):
 
 
 def run_arm(arm: str, layers: tuple[int, int], vocab: int, rank: int, work: Path,
-            method: str) -> dict:
+            method: str, block_group: int | None = None) -> dict:
     import torch
 
     from warmstart import transport, transport_adapter
@@ -101,7 +101,8 @@ def run_arm(arm: str, layers: tuple[int, int], vocab: int, rank: int, work: Path
     else:
         finetuned = str(work / "source_adapter")
     out = work / f"out_{arm}"
-    options = {"solver": "eigh", "progress": False, "method": method}
+    options = {"solver": "eigh", "progress": False, "method": method,
+               "block_group": block_group}
     t0 = time.perf_counter()
     with PeakRss() as peak:
         if arm == "adapter":
@@ -118,7 +119,8 @@ def run_arm(arm: str, layers: tuple[int, int], vocab: int, rank: int, work: Path
     else:  # a float64 delta for every transported tensor
         update_bytes = sum(8 * target.state_dict()[p.name.split("[")[0]].numel()
                            for p in report.params)
-    return {"arm": arm, "method": method, "peak_rss_above_mib": peak.above / 2**20,
+    return {"arm": arm, "method": method, "block_group": block_group,
+            "peak_rss_above_mib": peak.above / 2**20,
             "seconds": seconds,
             "update_bytes": update_bytes, "target_params": target_params,
             "maps": len(report.maps), "lora_modules": len(getattr(report, "modules", ()))}
@@ -149,6 +151,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["adapter", "merge", "dense"],
                         choices=["adapter", "merge", "dense"])
     parser.add_argument("--method", choices=["slice", "theseus"], default="slice")
+    parser.add_argument("--block-group", type=int, default=None,
+                        help="theseus: statistics for this many target blocks at a time")
     parser.add_argument("--out", default=None, help="default: bench/results/lora_memory_"
                         "<method>.json")
     parser.add_argument("--run-arm", help=argparse.SUPPRESS)
@@ -157,7 +161,7 @@ def main() -> None:
     layers = tuple(args.layers)
     if args.run_arm:  # a child process: one arm, its result as JSON on the last line
         print(json.dumps(run_arm(args.run_arm, layers, args.vocab, args.rank, Path(args.work),
-                                 args.method)))
+                                 args.method, args.block_group)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
@@ -167,7 +171,8 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, "--run-arm", arm, "--work", work,
                  "--layers", *map(str, layers), "--vocab", str(args.vocab),
-                 "--rank", str(args.rank), "--method", args.method],
+                 "--rank", str(args.rank), "--method", args.method,
+                 *(["--block-group", str(args.block_group)] if args.block_group else [])],
                 capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise SystemExit(f"arm {arm} failed (exit {done.returncode}):\n"

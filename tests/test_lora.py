@@ -225,7 +225,7 @@ def test_gqa_llama_adapter_moves_exactly_into_a_widened_llama(tmp_path):
     g = torch.Generator().manual_seed(2)
     calibration = [{"input_ids": torch.randint(0, 100, (8, 12), generator=g)} for _ in range(3)]
     report = transport_adapter(source, adapter, target, calibration, tmp_path / "a",
-                               progress=False)
+                               block_group=1, progress=False)  # statistics one block at a time
     assert report.target_family == "hf_decoder" and len(report.modules) == 10
     loaded = PeftModel.from_pretrained(copy.deepcopy(target), tmp_path / "a").eval()
     assert {m.r["default"] for m in loaded.modules() if hasattr(m, "r")} == {4}

@@ -35,8 +35,14 @@ from .matching import Matching, ParamPairing
 from .options import TransportOptions
 from .procrustes import ProcrustesMap
 from .token_alignment import describe_pairings
-from .transport_report import ParamReport
-from .update import _display_name, _transport_params, compute_maps
+from .transport_report import MapReport, ParamReport
+from .update import (
+    _display_name,
+    _map_report,
+    _transport_params,
+    block_groups,
+    compute_maps,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.CONFIG_NAME (importing peft takes seconds)
 _PEFT_PREFIX = "base_model.model."
@@ -354,7 +360,7 @@ class MovedAdapter:
     log_scales: Mapping[str, Tensor]
     module_reports: tuple[LoraModuleReport, ...]
     param_reports: tuple[ParamReport, ...]
-    maps: Mapping[Any, ProcrustesMap]
+    maps: tuple[MapReport, ...]
     skipped: tuple[tuple[str, str], ...]
     token_pairing: str = "none"
 
@@ -397,38 +403,57 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
     maps: dict[Any, ProcrustesMap] = {}
     pairings_used: dict[str, int] = {}
     passed: dict[str, Tensor] = {}  # a target head layer the source lacks: passes through
-    if method != "slice" and all_pairs:
-        needed = {k for pp in all_pairs for k in (pp.target.space_in, pp.target.space_out) if k}
-        fixed = {k for k in needed if getattr(layout_t.space(k), "fixed", False)}
-        through = {k for k in fixed if not any(pp.target.space_out == k for pp in saved_pairs)}
-        needed |= {p.space_in for p in layout_t.params
-                   if p.space_out in through and p.rule == "head_linear" and p.space_in}
-        if needed - fixed:
-            maps, _ = compute_maps(source, target, layout_s, layout_t, matching, needed - fixed,
-                                   calibration, target_calibration, options, progress, timings,
-                                   pairings_used=pairings_used)
-        finetuned = _saved_values(lora, saved_pairs, source)
-        for key in sorted(fixed, key=str):
-            if key in through:
-                maps[key], values_k, decisions = pass_through(key, layout_t, maps, state_t)
-                passed.update(values_k)
-                skipped += decisions
-            else:
-                maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs,
-                                            finetuned, maps, options.head_hidden)
-    modules, module_reports = {}, []
-    for name_t, pairs in sorted(lora_pairs.items()):
-        factors = lora.modules[module_of(pairs[0].source.name)]
-        moved = _move_factors(name_t, factors, pairs, maps, method, state_t, alpha)
-        modules[name_t] = moved
-        role = pairs[0].target
-        t_out, t_in = maps.get(role.space_out), maps.get(role.space_in)
-        module_reports.append(LoraModuleReport(
-            name_t, module_of(pairs[0].source.name), factors.kind, factors.rank,
-            factors.scaling, factors.norm(), moved.norm(),
-            str(role.space_out) if role.space_out else None,
-            str(role.space_in) if role.space_in else None,
-            t_out.residual if t_out else None, t_in.residual if t_in else None))
+    needed = {k for pp in all_pairs for k in (pp.target.space_in, pp.target.space_out) if k}
+    fixed = {k for k in needed if getattr(layout_t.space(k), "fixed", False)}
+    through = {k for k in fixed if not any(pp.target.space_out == k for pp in saved_pairs)}
+    needed |= {p.space_in for p in layout_t.params
+               if p.space_out in through and p.rule == "head_linear" and p.space_in}
+    keep = {k for pp in saved_pairs for k in (pp.target.space_in, pp.target.space_out)} | {
+        p.space_in for p in layout_t.params if p.space_out in through}
+    groups = (block_groups(needed - fixed, layout_t, options.block_group)
+              if method != "slice" and all_pairs else [set()])
+    pending = sorted(lora_pairs)
+    modules, module_reports, map_reports = {}, [], []
+    for i, group in enumerate(groups):  # block_group: statistics a few blocks at a time
+        last = i == len(groups) - 1
+        if group:
+            group_maps, _ = compute_maps(source, target, layout_s, layout_t, matching, group,
+                                         calibration, target_calibration, options, progress,
+                                         timings, pairings_used=pairings_used,
+                                         stop_early=not last)
+            maps.update(group_maps)
+        if last and method != "slice":
+            finetuned = _saved_values(lora, saved_pairs, source)
+            for key in sorted(fixed, key=str):
+                if key in through:
+                    maps[key], values_k, decisions = pass_through(key, layout_t, maps, state_t)
+                    passed.update(values_k)
+                    skipped += decisions
+                else:
+                    maps[key] = head_hidden_map(key, layout_t.space(key).width, saved_pairs,
+                                                finetuned, maps, options.head_hidden)
+        ready = [n for n in pending if last or all(
+            k in maps for pp in lora_pairs[n] for k in (pp.target.space_in, pp.target.space_out)
+            if k)]
+        pending = [n for n in pending if n not in ready]
+        for name_t in ready:
+            pairs = lora_pairs[name_t]
+            factors = lora.modules[module_of(pairs[0].source.name)]
+            moved = _move_factors(name_t, factors, pairs, maps, method, state_t, alpha)
+            modules[name_t] = moved
+            role = pairs[0].target
+            t_out, t_in = maps.get(role.space_out), maps.get(role.space_in)
+            module_reports.append(LoraModuleReport(
+                name_t, module_of(pairs[0].source.name), factors.kind, factors.rank,
+                factors.scaling, factors.norm(), moved.norm(),
+                str(role.space_out) if role.space_out else None,
+                str(role.space_in) if role.space_in else None,
+                t_out.residual if t_out else None, t_in.residual if t_in else None))
+        if not last:  # maps no pending module needs are reported and freed
+            wanted = keep | {k for n in pending for pp in lora_pairs[n]
+                             for k in (pp.target.space_in, pp.target.space_out)}
+            for key in [k for k in maps if k not in wanted]:
+                map_reports.append(_report_map(key, matching, maps.pop(key)))
     deltas, values, scales, reports = {}, {}, {}, ()
     if saved_pairs:
         finetuned = _saved_values(lora, saved_pairs, source)
@@ -440,9 +465,16 @@ def move_adapter(source: nn.Module, lora: LoraSource, target: nn.Module,
     reports = (*reports, *(ParamReport(n, "head.dense", "head_pass_through", None, 0.0,
                                        float(v.norm())) for n, v in passed.items()))
     saved, saved_modules = _saved_state(deltas, values, scales, state_t, alpha)
+    map_reports += [_report_map(k, matching, m) for k, m in maps.items()]
     return MovedAdapter(modules, saved, saved_modules, deltas, values, scales,
-                        tuple(module_reports), tuple(reports), maps, tuple(skipped),
+                        tuple(sorted(module_reports, key=lambda m: m.name)), tuple(reports),
+                        tuple(sorted(map_reports, key=lambda m: m.target_space)), tuple(skipped),
                         describe_pairings(pairings_used))
+
+
+def _report_map(key, matching: Matching, m: ProcrustesMap) -> MapReport:
+    pairing = matching.spaces.get(key)
+    return _map_report(key, pairing.source_space if pairing is not None else key, m)
 
 
 def _heads_as_saved(lora: LoraSource, layout_s: ModelLayout, source: nn.Module) -> LoraSource:

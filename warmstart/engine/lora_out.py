@@ -44,7 +44,7 @@ from .matching import match
 from .options import TransportOptions, check_alpha_grid
 from .procrustes import resolve_solver
 from .transport_report import ParamReport, TransportReport
-from .update import Update, _map_report, _warn_rank
+from .update import Update, _warn_rank
 
 REPORT_NAME = "warmstart_report.json"
 
@@ -89,9 +89,7 @@ def _plan(source: nn.Module, adapter: Any, target_view: nn.Module, options: Tran
 def _report(plan: _Plan, moved: MovedAdapter, alpha: float, timings: Mapping[str, float],
             extra_params: Iterable[ParamReport] = (), scores=(), out_dir: str | None = None,
             adapter: Mapping[str, Any] | None = None) -> AdapterReport:
-    maps = tuple(_map_report(k, plan.matching.spaces[k].source_space
-                                if k in plan.matching.spaces else k, m)
-                 for k, m in sorted(moved.maps.items(), key=lambda kv: str(kv[0])))
+    maps = moved.maps
     _warn_rank(maps, plan.options.completion)
     return AdapterReport(
         method=plan.options.method, alpha=float(alpha), source_family=plan.layout_s.family,
