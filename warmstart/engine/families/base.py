@@ -305,3 +305,20 @@ def transformer_block_spaces(bid: BlockId, d: int, d_hidden: int, qkv: tuple[Poi
         Space(SpaceKey(bid, "mlp_hidden"), d_hidden,
               (Point(mlp_in, "out", "fc1_out"), Point(mlp_out, "in", "fc2_in"))),
     ]
+
+
+class LayoutBuilder:
+    """Collects the points of every space (in declaration order) and the parameter roles, for
+    families that declare a space's points in several places (the CNN stages)."""
+
+    def __init__(self) -> None:
+        self.points: dict[SpaceKey, list[Point]] = {}
+        self.widths: dict[SpaceKey, int] = {}
+        self.params: list[ParamRole] = []
+
+    def observe(self, key: SpaceKey, width: int, *points: Point) -> None:
+        self.widths[key] = width
+        self.points.setdefault(key, []).extend(points)
+
+    def spaces(self) -> tuple[Space, ...]:
+        return tuple(Space(k, self.widths[k], tuple(p)) for k, p in self.points.items())

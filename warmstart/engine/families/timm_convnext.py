@@ -19,10 +19,10 @@ from torch import nn
 from .base import (
     BlockId,
     Family,
+    LayoutBuilder,
     ModelLayout,
     ParamRole,
     Point,
-    Space,
     SpaceKey,
     instance_of,
     linear_params,
@@ -40,23 +40,7 @@ def _weights(name: str, module: nn.Module, role: str, block: BlockId | None, out
             for r in roles]
 
 
-class _Builder:
-    """Collects points per space (in declaration order) and parameter roles."""
-
-    def __init__(self) -> None:
-        self.points: dict[SpaceKey, list[Point]] = {}
-        self.widths: dict[SpaceKey, int] = {}
-        self.params: list[ParamRole] = []
-
-    def observe(self, key: SpaceKey, width: int, *points: Point) -> None:
-        self.widths[key] = width
-        self.points.setdefault(key, []).extend(points)
-
-    def spaces(self) -> tuple[Space, ...]:
-        return tuple(Space(k, self.widths[k], tuple(p)) for k, p in self.points.items())
-
-
-def _stem(b: _Builder, stem: nn.Sequential, out: SpaceKey) -> None:
+def _stem(b: LayoutBuilder, stem: nn.Sequential, out: SpaceKey) -> None:
     """Convolutions chain pixels -> (intermediate) -> ``out``; the closing norm acts on ``out``."""
     convs = [(f"stem.{i}", m) for i, m in enumerate(stem) if isinstance(m, nn.Conv2d)]
     space = SpaceKey(None, "pixels")
@@ -75,7 +59,7 @@ def _stem(b: _Builder, stem: nn.Sequential, out: SpaceKey) -> None:
                       Point(f"stem.{i}", "out", "stem_norm", "channels"))
 
 
-def _block(b: _Builder, prefix: str, bid: BlockId, block: nn.Module) -> None:
+def _block(b: LayoutBuilder, prefix: str, bid: BlockId, block: nn.Module) -> None:
     resid, hidden = SpaceKey(bid, "resid"), SpaceKey(bid, "mlp_hidden")
     width = block.conv_dw.out_channels
     # Linear MLPs see the channels-last map: features on the last dimension.
@@ -105,7 +89,7 @@ def _block(b: _Builder, prefix: str, bid: BlockId, block: nn.Module) -> None:
         b.params.append(ParamRole(f"{prefix}.gamma", "ls.gamma", bid, "gain", resid))
 
 
-def _head(b: _Builder, model: nn.Module, last: SpaceKey, width: int) -> None:
+def _head(b: LayoutBuilder, model: nn.Module, last: SpaceKey, width: int) -> None:
     """Norm(s) on the last stream, an optional hidden layer, then the task head."""
     if any(True for _ in model.norm_pre.parameters()):
         b.params += norm_params("norm_pre", "norm_pre", None, last, model.norm_pre)
@@ -131,7 +115,7 @@ def _head(b: _Builder, model: nn.Module, last: SpaceKey, width: int) -> None:
 def describe(model: nn.Module) -> ModelLayout:
     stages = tuple(tuple(BlockId(s, i) for i in range(len(stage.blocks)))
                    for s, stage in enumerate(model.stages))
-    b = _Builder()
+    b = LayoutBuilder()
     first_ds = isinstance(model.stages[0].downsample, nn.Sequential)
     stream = SpaceKey(None, "stem") if first_ds else SpaceKey(stages[0][0], "resid")
     _stem(b, model.stem, stream)

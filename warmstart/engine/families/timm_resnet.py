@@ -24,10 +24,10 @@ from torch import nn
 from .base import (
     BlockId,
     Family,
+    LayoutBuilder,
     ModelLayout,
     ParamRole,
     Point,
-    Space,
     SpaceKey,
     instance_of,
     linear_params,
@@ -45,17 +45,8 @@ def _conv(name: str, module: nn.Conv2d, role: str, block: BlockId | None, out: S
             for r in linear_params(name, module, role, block, out, inp)]
 
 
-class _Builder:
-    """Collects points per space (in declaration order) and parameter roles."""
-
-    def __init__(self) -> None:
-        self.points: dict[SpaceKey, list[Point]] = {}
-        self.widths: dict[SpaceKey, int] = {}
-        self.params: list[ParamRole] = []
-
-    def observe(self, key: SpaceKey, width: int, *points: Point) -> None:
-        self.widths[key] = width
-        self.points.setdefault(key, []).extend(points)
+class _Builder(LayoutBuilder):
+    """The shared builder, plus a convolution followed by its BatchNorm."""
 
     def conv_bn(self, conv: str, module: nn.Conv2d, bn: str, bn_module: nn.Module, role: str,
                 block: BlockId | None, out: SpaceKey, inp: SpaceKey) -> None:
@@ -63,9 +54,6 @@ class _Builder:
         self.params += _conv(conv, module, role, block, out, inp)
         self.params += norm_params(bn, f"{role}.bn", block, out, bn_module)
         self.observe(out, module.out_channels, Point(conv, "out", f"{role}_out", "channels"))
-
-    def spaces(self) -> tuple[Space, ...]:
-        return tuple(Space(k, self.widths[k], tuple(p)) for k, p in self.points.items())
 
 
 def _stem(b: _Builder, model: nn.Module) -> SpaceKey:
