@@ -69,7 +69,7 @@ def train_source(model: nn.Module, loader, steps: int, lr: float, rank: int):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if step % 20 == 0:
                 print(f"  source step {step}: loss {sum(losses[-20:]) / 20:.3f}", flush=True)
@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/lora_text.json")
+    parser.add_argument("--save-adapter", help="also keep the trained source adapter here")
+    parser.add_argument("--source-adapter", help="a source adapter saved by --save-adapter: "
+                        "skip the training")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -105,8 +108,13 @@ def main() -> None:
     source = TextClassifierNet(AutoModel.from_pretrained(minilm_dir()), 2).eval()
     base = copy.deepcopy(source)  # get_peft_model wraps the model it is given
     t0 = time.perf_counter()
-    adapter = train_source(source, data_s.train_dataloader(), args.train_steps, args.lr,
-                           args.rank)
+    if args.source_adapter:
+        adapter = PeftModel.from_pretrained(source, args.source_adapter).eval()
+    else:
+        adapter = train_source(source, data_s.train_dataloader(), args.train_steps, args.lr,
+                               args.rank)
+    if args.save_adapter:
+        adapter.save_pretrained(args.save_adapter)
     train_seconds = time.perf_counter() - t0
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "rank": args.rank, "train_steps": args.train_steps, "lr": args.lr,
@@ -120,6 +128,9 @@ def main() -> None:
     torch.manual_seed(1)
     target = TextClassifierNet(AutoModel.from_pretrained(mpnet_dir()), 2).eval()
     result["target_fresh_acc"] = accuracy(target, data_t.val_dataloader())  # B = 0: the base
+    print(f"target with a fresh adapter (B = 0): {result['target_fresh_acc']:.3f}", flush=True)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     # the same training examples through each model's own tokenizer
     tokenizer_t = data_t.tokenizer
     source_in, target_in = [], []
@@ -146,6 +157,7 @@ def main() -> None:
                 "token_pairing": getattr(report, "token_pairing", None)})
             print(f"target with the moved adapter, alpha {alpha:g}: {acc:.3f} "
                   f"({seconds:.1f} s, {len(report.modules)} modules)", flush=True)
+            out_path.write_text(json.dumps(result, indent=2))  # kept if a later alpha fails
     print(f"\nMiniLM LoRA (rank {args.rank}, {args.train_steps} steps) -> MPNet LoRA, "
           f"{result['val_examples']} validation sentences")
     print(f"{'model':<40} {'val acc':>8}")
@@ -155,9 +167,8 @@ def main() -> None:
     for row in result["theseus"]:
         print(f"{'MPNet + moved LoRA, alpha ' + format(row['alpha'], 'g'):<40} "
               f"{row['acc']:>8.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    out_path.write_text(json.dumps(result, indent=2))
+    print(f"written {out_path}")
 
 
 if __name__ == "__main__":
