@@ -31,15 +31,8 @@ from .alpha import select_alpha
 from .apply import _recalibration, _restored_on_error, apply_update
 from .checks import check_calibration, check_models
 from .families import describe_model
-from .lora import (
-    LoraModuleReport,
-    LoraSource,
-    MovedAdapter,
-    active_adapter,
-    is_adapter,
-    move_adapter,
-    read_adapter,
-)
+from .lora import LoraSource, active_adapter, is_adapter, read_adapter
+from .lora_move import LoraModuleReport, MovedAdapter, move_adapter
 from .matching import match
 from .options import TransportOptions, check_alpha_grid
 from .procrustes import resolve_solver
