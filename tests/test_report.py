@@ -362,7 +362,7 @@ def test_compare_config_chooses_the_metric_and_its_direction(tmp_path, monkeypat
     assert "| theseus seed 0 | theseus | 1.0 |" in md and "| theseus seed 1 |" in md
     assert "| cold seed" not in md and "![per-layer update norms](transport_norms.png)" in md
     assert "## Config\n\n```yaml\nfit_config:\n- a.yaml\nout_dir: " in md
-    assert "metric: val_loss\nmode: auto\n```" in md
+    assert "metric: val_loss\nmode: auto\n" in md
     s = compare.run_compare(replace(config, mode="max"), console=console, overwrite=True)
     assert s.mode == "max"
 
