@@ -257,18 +257,31 @@ def make_target(name: str, source: LlamaForCausalLM, eps: float) -> LlamaForCaus
 
 
 class StatisticsCache:
-    """Wraps the engine's ``collect_statistics`` so that the modes of one target share it, and
-    its ``procrustes_map`` so that the spaces without heads (same in every mode) are mapped
-    once."""
+    """Wraps the engine's ``collect_statistics`` so that the modes of one target share it (one
+    entry per block group), and its ``procrustes_map`` so that the spaces without heads (the
+    same in every mode) are mapped once."""
 
     def __init__(self) -> None:
         self.oracle: dict[str, torch.Tensor] | None = None
-        self._names: dict[int, str] = {}
-        self.cached: tuple[dict, dict] | None = None
+        self.cached: dict[tuple, tuple[dict, dict]] = {}
         self.seconds = 0.0
+        self._names: dict[int, str] = {}
         self._inner = update.collect_statistics
         self._map = update.procrustes_map
         self._maps: dict[int, object] = {}
+
+    def __call__(self, *args, **kwargs):
+        key = tuple(str(p.target_space) for p in args[4])
+        if key not in self.cached:
+            t0 = time.perf_counter()
+            stats = self._inner(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self._names.update({id(acc): k.name for k, acc in stats.items()})
+            self.cached[key] = (stats, dict(kwargs.get("pairings_used") or {}))
+        stats, used = self.cached[key]
+        if kwargs.get("pairings_used") is not None:
+            kwargs["pairings_used"].update(used)
+        return dict(stats)
 
     def procrustes_map(self, stats, **kwargs):
         key = id(stats)
@@ -282,22 +295,11 @@ class StatisticsCache:
                 self._maps[key] = self._map(stats, **kwargs)
         return self._maps[key]
 
-    def __call__(self, *args, **kwargs):
-        if self.cached is None:
-            t0 = time.perf_counter()
-            stats = self._inner(*args, **kwargs)
-            self.seconds = time.perf_counter() - t0
-            self._names = {id(acc): key.name for key, acc in stats.items()}
-            self.cached = (stats, dict(kwargs.get("pairings_used") or {}))
-        stats, used = self.cached
-        if kwargs.get("pairings_used") is not None:
-            kwargs["pairings_used"].update(used)
-        return dict(stats)
-
     def reset(self) -> None:
-        self.cached = None
+        self.cached.clear()
         self._maps.clear()
         self._names.clear()
+        self.seconds = 0.0
 
 
 def main() -> None:
@@ -314,6 +316,8 @@ def main() -> None:
     parser.add_argument("--oracle", action="store_true",
                         help="the residual-stream and MLP maps are the construction's own "
                              "(exact) embedding, so the attention maps alone are compared")
+    parser.add_argument("--block-group", type=int, default=6,
+                        help="blocks per statistics/maps/update pass (bounds memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/warmstart/decoder_heads"))
     parser.add_argument("--out", default="bench/results/decoder_heads.json")
@@ -355,7 +359,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with heads.head_mode(*mode.split("+")):
                     report = transport(source, finetuned.state_dict(), trial,
-                                       calib[:args.calib], progress=False)
+                                       calib[:args.calib], progress=False,
+                                       block_group=args.block_group)
                 seconds = time.perf_counter() - t0
                 row[mode] = {**score(trial, evaluation, verdicts), "seconds": seconds,
                              "maps_s": report.timings.get("maps")}
