@@ -592,3 +592,27 @@ def test_compare_runs_lora_cold_and_lora_theseus_arms(tmp_path):
     report = json.loads(next((runs / "lora_theseus_seed0").rglob("transport_report.json"))
                         .read_text())
     assert len(report["modules"]) == 6 and {m["rank"] for m in report["modules"]} == {4}
+
+
+def test_text_classifier_trains_under_a_peft_wrapper():
+    """The lora arms wrap a text Classifier's network with PEFT: it still reads token batches,
+    and only the adapter and the saved head train, the head at its own learning rate."""
+    from warmstart.experiments.compare import wrap_lora
+    from warmstart.lightning.models import Classifier
+
+    tiny = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+            "intermediate_size": 64}
+    module = Classifier("minilm", 2, pretrained=False, model_kwargs=tiny, lr=1e-3,
+                        head_lr_multiplier=10.0)
+    wrap_lora(module, "model", {"r": 2, "target_modules": ["query", "value"],
+                                "modules_to_save": ["head"]})
+    assert type(module.model).__name__ == "PeftModel" and module.is_text
+    batch = {"input_ids": torch.randint(0, 1000, (3, 7)), "attention_mask": torch.ones(3, 7),
+             "label": torch.tensor([0, 1, 1])}
+    assert module(batch).shape == (3, 2)
+    groups = module.param_groups()
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert trained == {id(p) for p in module.model.parameters() if p.requires_grad}
+    head = {id(p) for p in module.network.head.parameters() if p.requires_grad}
+    assert len(head) == 2 and all(g["lr"] == 1e-2 for g in groups if head & {id(p) for p in g["params"]})
+    assert all(g["lr"] == 1e-3 for g in groups if not head & {id(p) for p in g["params"]})

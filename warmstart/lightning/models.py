@@ -219,7 +219,13 @@ class Classifier(lightning.LightningModule):
 
     @property
     def is_text(self) -> bool:
-        return isinstance(self.model, TextClassifierNet)
+        return isinstance(self.network, TextClassifierNet)
+
+    @property
+    def network(self) -> nn.Module:
+        """``self.model``, or the model inside it when PEFT wraps it (LoRA fine-tuning)."""
+        base = getattr(self.model, "get_base_model", None)
+        return base() if callable(base) else self.model
 
     def model_inputs(self, batch: dict[str, Any]) -> Any:
         """What ``self.model`` takes: the image tensor, or a dict of token tensors."""
@@ -259,7 +265,7 @@ class Classifier(lightning.LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     def _head_param_ids(self) -> set[int]:
-        head = self.model.head if self.is_text else self.model.get_classifier()
+        head = self.network.head if self.is_text else self.network.get_classifier()
         heads = head if isinstance(head, tuple) else (head,)  # timm distilled: (head, head_dist)
         return {id(p) for module in heads for p in module.parameters()}
 
