@@ -55,7 +55,8 @@ def test_callback_fragments_compose_with_any_fit_config(fragment, capsys):
 @pytest.mark.parametrize("config", COMPARE_CONFIGS, ids=lambda p: p.name)
 def test_compare_configs_load(config):
     loaded = CompareConfig.from_yaml(config)
-    assert loaded.arms == ("cold", "theseus", "slice", "head_only")
+    lora = ("lora_cold", "lora_theseus")
+    assert loaded.arms == (lora if loaded.lora else ("cold", "theseus", "slice", "head_only"))
     assert loaded.fit_config and loaded.transport["source_pretrained"]
 
 
