@@ -44,6 +44,7 @@ from ..lightning.console import StepProgress
 
 ARMS = ("cold", "theseus", "slice", "head_only", "lora_cold", "lora_theseus")
 FULL_SOURCE_ARMS = ("theseus", "slice", "head_only")  # arms that read source.checkpoint
+DEFAULT_ARMS = ("cold", *FULL_SOURCE_ARMS)  # the lora arms run only when asked for
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class CompareConfig:
     fit_config: tuple[str, ...]
     out_dir: str
     transport: dict[str, Any]
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = (0,)
     source: dict[str, Any] = field(default_factory=dict)
     tracker: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +78,7 @@ class CompareConfig:
         as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,)  # noqa: E731
         config = cls(
             fit_config=as_tuple(raw["fit_config"]), out_dir=str(raw["out_dir"]),
-            transport=dict(raw["transport"]), arms=as_tuple(raw.get("arms", ARMS)),
+            transport=dict(raw["transport"]), arms=as_tuple(raw.get("arms", DEFAULT_ARMS)),
             seeds=tuple(int(s) for s in as_tuple(raw.get("seeds", [0]))),
             source=dict(raw.get("source") or {}), tracker=dict(raw.get("tracker") or {}),
             title=str(raw.get("title", cls.title)), overrides=tuple(overrides or ()),
