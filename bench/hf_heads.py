@@ -118,9 +118,9 @@ def main() -> None:
         rows[name] = {**_validate(moved, data_t), "transport_seconds": round(seconds, 1),
                       "parameters": len(report.params), "skipped": len(report.skipped),
                       "token_pairing": getattr(report, "token_pairing", None)}
-        print(name, rows[name])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        print(name, rows[name], flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)  # kept if a later arm is stopped
+        RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\n{'arm':42s} {'val_acc':>8s} {'val_loss':>9s}")
     for name, row in rows.items():
         print(f"{name:42s} {row['val_acc']:8.4f} {row['val_loss']:9.4f}")
