@@ -533,8 +533,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         detail.add_row(name, f"{b['cross_update_seconds']:.1f}", f"{b['pair_rows_seconds']:.1f}",
                        f"{b['forward_floor_seconds']:.1f}",
                        f"{b['hooks_checks_other_seconds']:.1f}",
-                       f"{r['arithmetic']['cross_per_forward']:.2f}",
-                       f"{r['arithmetic']['total_floor_bound']:.2f}", svd)
+                       *(f"{v:.2f}" if v is not None else "-"  # no FLOP count (qwen)
+                         for v in (r["arithmetic"]["cross_per_forward"],
+                                   r["arithmetic"]["total_floor_bound"])), svd)
     console.print(detail)
 
 
