@@ -175,7 +175,8 @@ def build_qwen(args: argparse.Namespace) -> dict[str, Any]:
                              num_key_value_heads=2, tie_word_embeddings=True,
                              rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096)
         torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config).to(dtype).eval()
+        # built in ``dtype`` directly: a float32 build first would set the peak RSS by itself
+        return Qwen2ForCausalLM._from_config(config, dtype=dtype).eval()
 
     layers_s, layers_t = args.layers
     source = qwen(896, 4864, layers_s, 14, 0)
