@@ -34,6 +34,9 @@ from warmstart.lightning.console import quiet_console
 from warmstart.lightning.data import TextClassificationData
 
 RESULTS = Path(__file__).parent / "results" / "hf_heads.json"
+ARMS = {"head_only": ("head_only", dict(method="head_only"))}  # --arms name: (row, options)
+ARMS |= {f"{h}:{a:g}": (f"theseus head_hidden={h} alpha={a}", dict(head_hidden=h, alpha=a))
+         for h in ("units", "stream") for a in (1.0, 2.0)}
 
 
 class SequenceClassifier(L.LightningModule):
@@ -79,7 +82,13 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=512)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                        help="run only these arms (head_only, units:1, units:2, stream:1, "
+                             "stream:2); rows of earlier runs with the same settings are kept")
     args = parser.parse_args()
+    if args.arms and set(args.arms) - set(ARMS):
+        parser.error(f"unknown arms {sorted(set(args.arms) - set(ARMS))}; choose from "
+                     f"{list(ARMS)}")
     L.seed_everything(args.seed, verbose=False)
 
     def data(tokenizer: str) -> TextClassificationData:
@@ -105,10 +114,14 @@ def main() -> None:
                                             data_t._loader("train", shuffle=False))]
     rows["cold (MPNet as loaded)"] = _validate(target, data_t)
     print("cold", rows["cold (MPNet as loaded)"])
-    arms = [("head_only", dict(method="head_only"))]
-    arms += [(f"theseus head_hidden={h} alpha={a}", dict(head_hidden=h, alpha=a))
-             for h in ("units", "stream") for a in (1.0, 2.0)]
-    for name, options in arms:
+    arms = {k: ARMS[k] for k in args.arms or ARMS}
+    if args.arms:
+        if RESULTS.exists():
+            earlier = json.loads(RESULTS.read_text())
+            if earlier.get("args", {}).get("steps") == args.steps and \
+                    earlier["args"].get("val") == args.val:
+                rows = {**earlier["rows"], **rows}
+    for name, options in arms.values():
         moved = copy.deepcopy(target)
         t0 = time.perf_counter()
         report = warmstart.transport(pretrained, source, moved, calibration,
@@ -120,7 +133,8 @@ def main() -> None:
                       "token_pairing": getattr(report, "token_pairing", None)}
         print(name, rows[name], flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)  # kept if a later arm is stopped
-        RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        saved = {k: v for k, v in vars(args).items() if k != "arms"}
+        RESULTS.write_text(json.dumps({"args": saved, "rows": rows}, indent=2))
     print(f"\n{'arm':42s} {'val_acc':>8s} {'val_loss':>9s}")
     for name, row in rows.items():
         print(f"{name:42s} {row['val_acc']:8.4f} {row['val_loss']:9.4f}")
