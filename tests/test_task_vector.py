@@ -258,3 +258,18 @@ def test_task_vector_does_not_alias_the_finetuned_module():
     with torch.no_grad():
         tuned[0].weight.add_(1.0)
     assert torch.equal(vector["0.weight"], torch.zeros(3, 4))
+
+
+def test_lazy_task_vector_matches_the_eager_one_and_holds_no_copy():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    tuned = {k: v + 0.5 if v.is_floating_point() else v for k, v in base.state_dict().items()}
+    eager = task_vector(base, tuned)
+    lazy = task_vector(base, tuned, lazy=True)
+    assert set(lazy) == set(eager) and len(lazy) == len(eager)
+    assert "1.num_batches_tracked" not in lazy  # integer buffers are not weights
+    for key, value in eager.items():
+        assert value.dtype == torch.float32 and torch.equal(lazy[key], value)
+    # computed when read, from the live tensors: nothing of the difference is stored
+    tuned["0.weight"].add_(1.0)
+    assert torch.equal(lazy["0.weight"], eager["0.weight"] + 1.0)

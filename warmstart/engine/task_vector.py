@@ -273,9 +273,30 @@ def _shape_error(bad: list[str], pretrained: Mapping, finetuned: Mapping) -> Val
     )
 
 
+class LazyTaskVector(Mapping[str, Tensor]):
+    """``finetuned - pretrained`` per key, computed when read and not kept: the difference of a
+    whole model (float32, twice a bf16 model's size) is never held at once. Each read returns a
+    new tensor; the two state dicts must not change while it is in use."""
+
+    def __init__(self, pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> None:
+        self._pre, self._ft = pretrained, finetuned
+
+    def __getitem__(self, key: str) -> Tensor:
+        base, tuned = self._pre[key], self._ft[key]
+        dtype = torch.float64 if torch.float64 in (base.dtype, tuned.dtype) else torch.float32
+        return tuned.detach().to("cpu", dtype) - base.detach().to("cpu", dtype)
+
+    def __iter__(self):
+        return iter(self._pre)
+
+    def __len__(self) -> int:
+        return len(self._pre)
+
+
 def task_vector(
-    pretrained: StateSource, finetuned: StateSource, *, ignore: Iterable[str] = ()
-) -> dict[str, Tensor]:
+    pretrained: StateSource, finetuned: StateSource, *, ignore: Iterable[str] = (),
+    lazy: bool = False,
+) -> dict[str, Tensor] | LazyTaskVector:
     """``finetuned - pretrained`` for every floating-point tensor, on CPU.
 
     Integer and bool buffers (``num_batches_tracked``, index tables) are not weights and are
@@ -286,6 +307,7 @@ def task_vector(
         pretrained: the base weights (module, state dict or checkpoint path).
         finetuned: the same architecture after fine-tuning.
         ignore: exact key names to leave out, e.g. a task head absent from the base model.
+        lazy: return a :class:`LazyTaskVector` (each entry computed when read) instead of a dict.
     """
     ignore = {ignore} if isinstance(ignore, str) else set(ignore)
     pre = _floats(as_state_dict(pretrained, clone=False), ignore)  # the difference is a new tensor
@@ -295,8 +317,5 @@ def task_vector(
     bad = [k for k in pre if pre[k].shape != ft[k].shape]
     if bad:
         raise _shape_error(bad, pre, ft)
-    vector = {}
-    for key, base in pre.items():
-        dtype = torch.float64 if torch.float64 in (base.dtype, ft[key].dtype) else torch.float32
-        vector[key] = ft[key].detach().to("cpu", dtype) - base.detach().to("cpu", dtype)
-    return vector
+    vector = LazyTaskVector(pre, ft)
+    return vector if lazy else {key: vector[key] for key in vector}

@@ -77,7 +77,8 @@ def transport(
                               target_calibration=target_calibration, evaluate=evaluate,
                               options=options, progress=progress)
     started = time.perf_counter()
-    finetuned = as_state_dict(source_finetuned)
+    # the engine only reads it; a module's weights are copied only when they are the target's
+    finetuned = as_state_dict(source_finetuned, clone=source_finetuned is target)
     if not isinstance(source_finetuned, nn.Module):  # a checkpoint may carry a wrapper prefix
         finetuned = fit_prefix(finetuned, source_pretrained.state_dict(), "source_finetuned")
     finetuned = _checked_finetuned(finetuned)

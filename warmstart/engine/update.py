@@ -49,9 +49,10 @@ def compute_update(source, finetuned, target, layout_s: ModelLayout, layout_t: M
     """
     timings: dict[str, float] = {}
     opts, method = options, options.method
-    pretrained = as_state_dict(source)
+    # read only here, before anything is written: no copy (at LLM scale, a model's size)
+    pretrained = as_state_dict(source, clone=source is target)
     head_names = {p.name for p in layout_s.params if p.rule in HEAD_RULES}
-    tau = task_vector(pretrained, finetuned, ignore=head_names)
+    tau = task_vector(pretrained, finetuned, ignore=head_names, lazy=True)
     _warn_zero(tau)
     skipped = _check_coverage(layout_s, layout_t, matching, tau, target, opts.embeddings,
                               opts.strict)
