@@ -72,7 +72,7 @@ class PeakRss:
         return self.peak - self.start
 
 
-def _model(widths: dict, layers: int, vocab: int, seed: int):
+def _model(widths: dict, layers: int, vocab: int, seed: int, dtype: str = "float32"):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -80,24 +80,25 @@ def _model(widths: dict, layers: int, vocab: int, seed: int):
     config = Qwen2Config(**widths, num_hidden_layers=layers, vocab_size=vocab,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          use_sliding_window=False)
-    return Qwen2ForCausalLM(config).eval()
+    # built in its dtype (a float32 build first would set the peak by itself)
+    return Qwen2ForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
 
 
 def run_arm(arm: str, layers: tuple[int, int], vocab: int, rank: int, work: Path,
-            method: str, block_group: int | None = None) -> dict:
+            method: str, block_group: int | None = None, dtype: str = "float32") -> dict:
     import torch
 
     from warmstart import transport, transport_adapter
 
     torch.set_grad_enabled(False)
-    source = _model(QWEN_05B, layers[0], vocab, 0)
-    target = _model(QWEN_15B, layers[1], vocab, 1)
+    source = _model(QWEN_05B, layers[0], vocab, 0, dtype)
+    target = _model(QWEN_15B, layers[1], vocab, 1, dtype)
     g = torch.Generator().manual_seed(2)
     calibration = [{"input_ids": torch.randint(0, vocab, (4, 64), generator=g)}
                    for _ in range(2)]
     if arm == "dense":
-        finetuned = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point()
-                     else v for k, v in source.state_dict().items()}
+        finetuned = {k: (v + 1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype)
+                     if v.is_floating_point() else v for k, v in source.state_dict().items()}
     else:
         finetuned = str(work / "source_adapter")
     out = work / f"out_{arm}"
@@ -119,21 +120,22 @@ def run_arm(arm: str, layers: tuple[int, int], vocab: int, rank: int, work: Path
     else:  # a float64 delta for every transported tensor
         update_bytes = sum(8 * target.state_dict()[p.name.split("[")[0]].numel()
                            for p in report.params)
-    return {"arm": arm, "method": method, "block_group": block_group,
+    return {"arm": arm, "method": method, "block_group": block_group, "dtype": dtype,
             "peak_rss_above_mib": peak.above / 2**20,
             "seconds": seconds,
             "update_bytes": update_bytes, "target_params": target_params,
             "maps": len(report.maps), "lora_modules": len(getattr(report, "modules", ()))}
 
 
-def make_adapter(layers: tuple[int, int], vocab: int, rank: int, work: Path) -> None:
-    """A rank-``rank`` LoRA on every projection of the source, random factors."""
+def make_adapter(layers: tuple[int, int], vocab: int, rank: int, work: Path,
+                 modules: list[str]) -> None:
+    """A rank-``rank`` LoRA on ``modules`` of the source, random factors."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     source = _model(QWEN_05B, layers[0], vocab, 0)
     model = get_peft_model(source, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                              target_modules=LORA_MODULES))
+                                              target_modules=modules))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,6 +155,11 @@ def main() -> None:
     parser.add_argument("--method", choices=["slice", "theseus"], default="slice")
     parser.add_argument("--block-group", type=int, default=None,
                         help="theseus: statistics for this many target blocks at a time")
+    parser.add_argument("--modules", nargs="+", default=LORA_MODULES, choices=LORA_MODULES,
+                        help="the LoRA's target modules (theseus maps only the spaces they "
+                        "read and write: without the MLP projections, no MLP-hidden map)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the models' dtype (bfloat16: the real checkpoints' own)")
     parser.add_argument("--out", default=None, help="default: bench/results/lora_memory_"
                         "<method>.json")
     parser.add_argument("--run-arm", help=argparse.SUPPRESS)
@@ -161,17 +168,17 @@ def main() -> None:
     layers = tuple(args.layers)
     if args.run_arm:  # a child process: one arm, its result as JSON on the last line
         print(json.dumps(run_arm(args.run_arm, layers, args.vocab, args.rank, Path(args.work),
-                                 args.method, args.block_group)))
+                                 args.method, args.block_group, args.dtype)))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        make_adapter(layers, args.vocab, args.rank, Path(work))
+        make_adapter(layers, args.vocab, args.rank, Path(work), args.modules)
         for arm in args.arms:
             done = subprocess.run(
                 [sys.executable, __file__, "--run-arm", arm, "--work", work,
                  "--layers", *map(str, layers), "--vocab", str(args.vocab),
-                 "--rank", str(args.rank), "--method", args.method,
+                 "--rank", str(args.rank), "--method", args.method, "--dtype", args.dtype,
                  *(["--block-group", str(args.block_group)] if args.block_group else [])],
                 capture_output=True, text=True, env=env)
             if done.returncode != 0:
@@ -179,7 +186,8 @@ def main() -> None:
                                  f"{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"Qwen2.5-0.5B -> 1.5B widths, {layers[0]} -> {layers[1]} layers, vocab {args.vocab}, "
-          f"LoRA rank {args.rank} on {', '.join(LORA_MODULES)}, method {args.method}")
+          f"LoRA rank {args.rank} on {', '.join(args.modules)}, method {args.method}, "
+          f"{args.dtype}")
     print(f"{'arm':<8} {'peak RSS above start (MiB)':>27} {'update (MiB)':>13} {'seconds':>8}")
     for r in rows:
         print(f"{r['arm']:<8} {r['peak_rss_above_mib']:>27.0f} "
@@ -187,7 +195,8 @@ def main() -> None:
     out = Path(args.out or f"bench/results/lora_memory_{args.method}.json")
     result = {"method": args.method,
               "pair": {"source": QWEN_05B, "target": QWEN_15B, "layers": layers,
-                       "vocab": args.vocab, "rank": args.rank, "lora_modules": LORA_MODULES},
+                       "vocab": args.vocab, "rank": args.rank, "lora_modules": args.modules,
+                       "dtype": args.dtype},
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
               "arms": rows}

@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from warmstart.experiments.compare import CompareConfig, ensure_source, run_arm
 from warmstart.experiments.report import write_report
-from warmstart.experiments.summary import Run, Stat, load_runs, read_curve
+from warmstart.experiments.summary import Run, Stat, load_runs, read_curve, summarize
 from warmstart.lightning.cli import build_cli
 from warmstart.lightning.models import build_model
 
@@ -176,10 +176,28 @@ def check_loads(size: dict, weights: Path) -> None:
         raise RuntimeError(f"{weights} did not load into the ViT: {wrong[:5]} differ")
 
 
-def arm_variants(alphas: list[float | str]) -> list[tuple[str, str, dict]]:
-    """(label, compare arm, transport overrides) of every arm, cold first (the reference)."""
-    theseus = [(f"theseus_a{a:g}" if a != "auto" else "theseus_auto", "theseus", {"alpha": a})
-               for a in alphas]
+def parse_recipe(text: str) -> dict[str, int]:
+    """``"ramp_steps=10,hold_steps=5"`` -> the callback's recipe keywords."""
+    recipe = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("ramp_steps", "hold_steps") or not value.isdigit():
+            raise SystemExit(f"--recipes: {item!r} is not ramp_steps=N or hold_steps=N")
+        recipe[key] = int(value)
+    return recipe
+
+
+def _label(alpha: float | str) -> str:
+    return f"theseus_a{alpha:g}" if alpha != "auto" else "theseus_auto"
+
+
+def arm_variants(alphas: list[float | str], recipes: list[str] = ()
+                 ) -> list[tuple[str, str, dict]]:
+    """(label, compare arm, transport overrides) of every arm, cold first (the reference);
+    each recipe adds a theseus arm at the first alpha with those callback options."""
+    theseus = [(_label(a), "theseus", {"alpha": a}) for a in alphas]
+    theseus += [(f"{_label(alphas[0])}+{r.replace('_steps=', '').replace(',', '+')}", "theseus",
+                 {"alpha": alphas[0], **parse_recipe(r)}) for r in recipes]
     return [("cold", "cold", {}), *theseus, ("slice", "slice", {"alpha": 1.0}),
             ("head_only", "head_only", {"alpha": 1.0})]
 
@@ -199,15 +217,35 @@ def run_variant(config: CompareConfig, label: str, arm: str, transport: dict, se
     return curve, {"alpha": summary["alpha"], "seconds": summary["seconds"]}
 
 
-def run_arms(config: CompareConfig, alphas, source: str, console: Console) -> tuple[dict, dict]:
-    """Every arm x seed; returns the curves and each run's transport record."""
+def run_arms(config: CompareConfig, variants, source: str, console: Console,
+             lr: float | None = None) -> tuple[dict, dict]:
+    """Every arm x seed (at learning rate ``lr``, else the fit config's); returns the curves and
+    each run's transport record."""
     curves, transports = {}, {}
+    cli_args = () if lr is None else (f"--model.init_args.lr={lr:g}",)
     for seed in config.seeds:
-        for label, arm, overrides in arm_variants(alphas):
-            console.print(f"[bold]arm {label}[/], seed {seed}")
+        for label, arm, overrides in variants:
+            console.print(f"[bold]arm {label}[/], seed {seed}" + (f", lr {lr:g}" if lr else ""))
+            folder = label if lr is None else f"{label}/lr{lr:g}"
             curves[(label, seed)], transports[(label, seed)] = run_variant(
-                config, label, arm, overrides, seed, source)
+                config, folder, arm, overrides, seed, source, cli_args)
     return curves, transports
+
+
+def at_best_rate(per_rate: dict[float, tuple[dict, dict]], metric: str = "val_acc"
+                 ) -> tuple[dict, dict, dict[str, float], dict[str, dict[str, float]]]:
+    """Each arm at the rate with its highest mean AUC (the same grid for every arm)."""
+    aucs: dict[str, dict[float, float]] = {}
+    for rate, (curves, _) in per_rate.items():
+        summary = summarize(load_runs(curves), metric=metric, reference_arm="cold")
+        for label, arm in summary.to_dict()["arms"].items():
+            aucs.setdefault(label, {})[rate] = arm["auc"]["mean"]
+    best = {label: max(by_rate, key=by_rate.get) for label, by_rate in aucs.items()}
+    curves = {k: v for label, rate in best.items() for k, v in per_rate[rate][0].items()
+              if k[0] == label}
+    transports = {k: v for label, rate in best.items() for k, v in per_rate[rate][1].items()
+                  if k[0] == label}
+    return curves, transports, best, aucs
 
 
 def probe_step0(config: CompareConfig, alphas, source: str, console: Console) -> dict:
@@ -261,6 +299,12 @@ def main() -> None:
                         help="checkpoints, compare YAML, runs and the report")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain the pretrained and fine-tuned checkpoints in work_dir")
+    parser.add_argument("--recipes", nargs="*", default=[],
+                        help="more theseus arms (first alpha) with the callback's warm-start "
+                        "recipe, e.g. ramp_steps=10 hold_steps=5 ramp_steps=10,hold_steps=5")
+    parser.add_argument("--lrs", nargs="*", type=float, default=[],
+                        help="a learning-rate grid run by every arm; each arm is reported at "
+                        "its best rate by mean AUC (default: the fine-tuning rate alone)")
     parser.add_argument("--out", default="bench/results/vit_offline.json")
     args = parser.parse_args()
     alphas, probe_alphas = ([a if a == "auto" else float(a) for a in values]
@@ -318,14 +362,21 @@ def main() -> None:
     console.print(f"source fine-tuned accuracy on F: {source_ft['val_acc_F']:.3f}")
 
     arms_started = time.perf_counter()
-    curves, transports = run_arms(config, alphas, source_ckpt, console)
+    variants = arm_variants(alphas, args.recipes)
+    best_rate = auc_by_rate = None
+    if args.lrs:
+        per_rate = {lr: run_arms(config, variants, source_ckpt, console, lr) for lr in args.lrs}
+        curves, transports, best_rate, auc_by_rate = at_best_rate(per_rate)
+    else:
+        curves, transports = run_arms(config, variants, source_ckpt, console)
     arms_seconds = time.perf_counter() - arms_started
     probes = probe_step0(config, probe_alphas, source_ckpt, console)
     probes_seconds = time.perf_counter() - arms_started - arms_seconds
 
     # 4. the convergence report (reference: cold) and the benchmark's own table / JSON
     settings = {"compare_yaml": str(compare_yaml), "alphas": args.alphas,
-                "arms": [label for label, _, _ in arm_variants(alphas)], "seeds": args.seeds}
+                "arms": [label for label, _, _ in variants], "seeds": args.seeds,
+                "recipes": args.recipes, "lrs": args.lrs, "best_rate": best_rate}
     summary = write_report(load_runs(curves), work / "report", title=title, config=settings,
                            overwrite=True, console=console, reference_arm="cold")
     summary_json = summary.to_dict()
@@ -339,6 +390,10 @@ def main() -> None:
                                            "speedup_steps", "speedup_seconds")}
         arms[label]["alpha"] = [r["alpha"] if r else None for r in runs]
         arms[label]["transport_seconds"] = [r["seconds"] if r else None for r in runs]
+        arms[label]["auc"] = arm["auc"]
+        if best_rate:
+            arms[label]["lr"] = best_rate[label]
+            arms[label]["auc_by_lr"] = auc_by_rate[label]
     for label, entry in [*arms.items(), *probes.items()]:
         if label.startswith("theseus") and cold_final != head0:
             # DESIGN.md section 7, with cold's final accuracy standing in for the fine-tuned target
@@ -365,18 +420,22 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2, default=str))
 
     table = Table(title=f"{title} (val_acc on F, {len(args.seeds)} seeds, {args.steps} steps)")
-    for col in ("arm", "alpha", "step-0 acc", "final acc", "steps to cold final (reached)",
-                "speedup (steps)", "speedup (s)", "gap recovered"):
+    for col in ("arm", "lr", "alpha", "step-0 acc", "final acc", "AUC",
+                "steps to cold final (reached)", "speedup (steps)", "speedup (s)",
+                "gap recovered"):
         table.add_column(col)
+    rate = f"{FINETUNE['lr']:g}"
     for label, a in arms.items():
         alpha = sorted({x for x in a["alpha"] if x is not None})
-        table.add_row(label, ", ".join(f"{x:g}" for x in alpha) or "-", fmt(a["step0"]),
-                      fmt(a["final"]), f"{fmt(a['steps_to_target'], 1)} ({a['n_reached']})",
+        table.add_row(label, f"{a['lr']:g}" if "lr" in a else rate,
+                      ", ".join(f"{x:g}" for x in alpha) or "-", fmt(a["step0"]),
+                      fmt(a["final"]), fmt(a["auc"]),
+                      f"{fmt(a['steps_to_target'], 1)} ({a['n_reached']})",
                       fmt(a["speedup_steps"], 2), fmt(a["speedup_seconds"], 2),
                       f"{a['gap_recovered']:.2f}" if "gap_recovered" in a else "-")
     for label, a in probes.items():  # step 0 only: no training columns
         alpha = ", ".join(sorted({f"{x:g}" for x in a["alpha"]}))
-        table.add_row(f"{label} (step 0 only)", alpha, fmt(a["step0"]), *["-"] * 4,
+        table.add_row(f"{label} (step 0 only)", rate, alpha, fmt(a["step0"]), *["-"] * 5,
                       f"{a['gap_recovered']:.2f}" if "gap_recovered" in a else "-")
     console.print(f"pretraining on P (digits 0-4): source {source_pre['val_acc_P']:.3f}, "
                   f"target {target_pre['val_acc_P']:.3f}; source fine-tuned on F (5-9): "

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from ..engine.options import TransportOptions
+from .recipe import WarmupRecipe
 from .sharding import ShardedTarget
 from .validation import check_validation, scalar_metrics, validate_now
 from .warm import WarmStart, find_target, run_transport
@@ -101,6 +102,11 @@ class TaskVectorTransport(Callback):
             there by an earlier run is kept (the new one goes to ``<name>-v1.json``, with a
             warning); ``report_path`` holds the path used.
         progress: show progress bars (rank zero only).
+        ramp_steps: the warm-start recipe (see :mod:`warmstart.lightning.recipe`): scale the
+            learning rates of the first ``ramp_steps`` steps after the transport by ``k /
+            (ramp_steps + 1)`` on top of the module's schedule (0: off).
+        hold_steps: the recipe: for the first ``hold_steps`` steps after the transport only the
+            task head trains (0: off).
     """
 
     def __init__(
@@ -120,6 +126,8 @@ class TaskVectorTransport(Callback):
         source_model_kwargs: dict[str, Any] | None = None,
         report_name: str = "transport_report.json",
         progress: bool = True,
+        ramp_steps: int = 0,
+        hold_steps: int = 0,
         **option_values: Any,
     ) -> None:
         if mode not in ("min", "max"):
@@ -142,6 +150,8 @@ class TaskVectorTransport(Callback):
             dict(source_model_kwargs or {}))
         self.report_name = report_name
         self.progress = progress
+        self.recipe = WarmupRecipe(ramp_steps, hold_steps)
+        self._recipe_live = False  # the recipe applies only in the fit that transported
         self.applied = False
         self.applied_fingerprint: str | None = None
         self.report = None
@@ -160,8 +170,12 @@ class TaskVectorTransport(Callback):
         # resuming from a checkpoint restores the state after this, in load_state_dict.
         self.applied, self.applied_fingerprint, self.seconds = False, None, 0.0
         self.report = self.report_path = None
+        self._recipe_live = False
         # under FSDP: the target copied whole now, before the strategy shards it
         self._sharded = ShardedTarget.at_setup(trainer, pl_module, self.plan.target_attribute)
+        if self._sharded is not None and self.recipe.hold_steps:
+            raise ValueError("hold_steps is not supported on a sharded (FSDP) target; set "
+                             "hold_steps=0 (ramp_steps works under every strategy).")
         find_target(pl_module, self.plan.target_attribute)
         if self.options.alpha == "auto":
             check_validation(trainer, "alpha='auto'")
@@ -180,6 +194,15 @@ class TaskVectorTransport(Callback):
         self.seconds = time.perf_counter() - started
         self.applied, self.applied_fingerprint = True, self.plan.fingerprint()
         self._publish(trainer)
+        if self.recipe.active:
+            self.recipe.start(trainer.global_step,
+                              find_target(pl_module, self.plan.target_attribute), self.report)
+            self._recipe_live = True
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer) -> None:
+        if self._recipe_live:
+            self.recipe.before_step(trainer.global_step, optimizer)
 
     def _publish(self, trainer: L.Trainer) -> None:
         metrics = {f"transport/{k}": v for k, v in self.report.summary().items()}
