@@ -12,9 +12,17 @@ from SmolLM2 itself (``wide``: 576 -> 768, 9/3 -> 12/4 heads, MLP 1536 -> 2048; 
 against the target with a fresh adapter (PEFT's default init, ``B = 0``: the target and its new
 head).
 
+``--curve_seeds`` also fine-tunes a LoRA of the first target (PEFT-wrapped, a new head) from
+both starts, per seed: ``lora_cold`` (PEFT's init) and ``lora_theseus`` (``TaskVectorTransport``
+writes the moved source adapter into the target's own LoRA at fit start, from the first training
+batches, so its wall clock includes the transport), the same steps, learning rate and data
+order, with warmstart's ``ConvergenceTracker`` on the module's own validation; the convergence
+report goes to ``--curve_dir``.
+
     . .venv/bin/activate; export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     python bench/lora_smollm2.py                 # bench/results/lora_smollm2.json
     python bench/lora_smollm2.py --steps 4 --val_rows 32 --calib_batches 2 --out /tmp/s.json
+    python bench/lora_smollm2.py --curve_seeds 0 1 2     # + LoRA curves on the widened target
 """
 
 from __future__ import annotations
@@ -32,13 +40,27 @@ from typing import Any
 
 import lightning
 import torch
+from decoder_smollm2 import (  # the bench folder is on sys.path when run
+    ROOT,
+    SequenceTask,
+    _trainer,
+    _write,
+    deepen,
+    fresh_head,
+    load_source,
+    model_inputs,
+    perturb,
+    smollm2_folder,
+    sorted_batches,
+    validate,
+    widen,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from decoder_smollm2 import (  # noqa: I001 (the bench folder is on sys.path when run)
-    ROOT, SequenceTask, _trainer, _write, deepen, fresh_head, load_source, model_inputs, perturb,
-    smollm2_folder, sorted_batches, validate, widen)
-from warmstart import transport_adapter
+from warmstart import ConvergenceTracker, TaskVectorTransport, transport_adapter
+from warmstart.experiments.curves import load_runs
+from warmstart.experiments.report import write_report
 from warmstart.lightning.data import TextClassificationData
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,6 +95,38 @@ def build_target(name: str, source: nn.Module, args) -> nn.Module:
     return fresh_head(target, args.seed + 7).eval()  # a new task head, as a new model has
 
 
+def curves(target: nn.Module, base: nn.Module, adapter: PeftModel,
+           data: TextClassificationData, args) -> dict:
+    """LoRA fine-tuning of ``target`` from PEFT's init and from the moved adapter, per seed."""
+    runs = {}
+    for seed in args.curve_seeds:
+        for arm in ("lora_cold", "lora_theseus"):
+            lightning.seed_everything(seed, verbose=False)  # head, LoRA init and data order
+            model = get_peft_model(fresh_head(copy.deepcopy(target), seed), LoraConfig(
+                r=args.rank, lora_alpha=2 * args.rank, target_modules=MODULES,
+                modules_to_save=["score"]))
+            run_dir = Path(args.curve_dir) / "runs" / f"{arm}_seed{seed}"
+            tracker = ConvergenceTracker(every_n_steps=args.curve_every,
+                                         path=str(run_dir / "curve.csv"))
+            callbacks = [tracker]
+            if arm == "lora_theseus":
+                callbacks.insert(0, TaskVectorTransport(
+                    base, adapter, target_attribute="model", progress=False,
+                    calibration_batches=args.calib_batches))
+            print(f"curve {arm}, seed {seed}", flush=True)
+            _trainer(max_steps=args.curve_steps, limit_val_batches=args.curve_val_batches,
+                     num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks,
+                     default_root_dir=str(run_dir)).fit(
+                SequenceTask(model.train(), lr=args.curve_lr, warmup=args.curve_warmup),
+                train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+            runs[(arm, seed)] = tracker.written
+    summary = write_report(load_runs(runs), args.curve_dir, title=(
+        f"LoRA fine-tuning of the {args.targets[0]} SmolLM2 target: moved adapter vs PEFT's init"),
+        config={k: v for k, v in vars(args).items() if k.startswith("curve") or k == "rank"},
+        overwrite=True, reference_arm="lora_cold", metric="val_acc")
+    return summary.to_dict()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="LoRA training steps of the source")
@@ -90,6 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--curve_seeds", type=int, nargs="*", default=[],
+                   help="LoRA fine-tuning curves on the first target, these seeds")
+    p.add_argument("--curve_steps", type=int, default=30)
+    p.add_argument("--curve_every", type=int, default=10, help="validation every N steps")
+    p.add_argument("--curve_lr", type=float, default=1e-3)
+    p.add_argument("--curve_warmup", type=int, default=3)
+    p.add_argument("--curve_val_batches", type=int, default=8, help="x batch examples")
+    p.add_argument("--curve_dir", default=str(ROOT.parent / "runs" / "lora_smollm2"))
     p.add_argument("--out", default=str(ROOT / "results" / "lora_smollm2.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -142,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(rows[-1], flush=True)
                 _write(result, args.out)
         del target
+    if args.curve_seeds:
+        t0 = time.perf_counter()
+        result["curves"] = curves(build_target(args.targets[0], base, args), base, adapter,
+                                  data, args)
+        timings["curves"] = time.perf_counter() - t0
     result["loadavg_end"] = os.getloadavg()[0]
     _write(result, args.out)
     print("\n| target | model | alpha | val acc | val loss |")

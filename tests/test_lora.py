@@ -614,5 +614,6 @@ def test_text_classifier_trains_under_a_peft_wrapper():
     trained = {id(p) for g in groups for p in g["params"]}
     assert trained == {id(p) for p in module.model.parameters() if p.requires_grad}
     head = {id(p) for p in module.network.head.parameters() if p.requires_grad}
-    assert len(head) == 2 and all(g["lr"] == 1e-2 for g in groups if head & {id(p) for p in g["params"]})
+    assert len(head) == 2
+    assert all(g["lr"] == 1e-2 for g in groups if head & {id(p) for p in g["params"]})
     assert all(g["lr"] == 1e-3 for g in groups if not head & {id(p) for p in g["params"]})
