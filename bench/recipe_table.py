@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from warmstart.experiments.curves import load_runs
+from warmstart.experiments.curves import Run, load_runs
 from warmstart.experiments.report import print_summary
 from warmstart.experiments.summary import summarize
 
@@ -37,6 +37,30 @@ def arm_curves(spec: str) -> tuple[str, dict[tuple[str, int], Path]]:
     return label, found
 
 
+def lead(runs: list[Run], reference: str, metric: str, higher: bool) -> dict[str, dict]:
+    """Per arm, over its seeds' evaluations after step 0 (paired with the reference's run of
+    the same seed, at the same steps): how many were better than the reference, and how many
+    were at least as good as the arm's own step-0 value (the issue's "keeps its lead")."""
+    better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)
+    ref = {r.seed: dict(zip(*r.series(metric)[::2])) for r in runs if r.arm == reference}
+    out: dict[str, dict] = {}
+    for run in runs:
+        if run.arm == reference or run.seed not in ref:
+            continue
+        steps, _, values = run.series(metric)
+        start = values[steps == 0][0] if (steps == 0).any() else None
+        row = out.setdefault(run.arm, {"evaluations": 0, "above_reference": 0,
+                                       "at_or_above_own_step0": 0})
+        for step, value in zip(steps, values):
+            if step == 0 or step not in ref[run.seed]:
+                continue
+            row["evaluations"] += 1
+            row["above_reference"] += int(better(value, ref[run.seed][step]))
+            row["at_or_above_own_step0"] += int(start is not None
+                                                and not better(start, value))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", action="append", required=True, help="LABEL=FOLDER:ARM")
@@ -50,11 +74,17 @@ def main() -> None:
         label, found = arm_curves(spec)
         curves.update(found)
         sources[label] = spec.partition("=")[2]
-    summary = summarize(load_runs(curves), metric=args.metric, reference_arm=args.reference)
+    runs = load_runs(curves)
+    summary = summarize(runs, metric=args.metric, reference_arm=args.reference)
     print_summary(summary, title=args.title, console=Console(width=100))
+    leads = lead(runs, args.reference, args.metric, summary.higher_is_better)
+    for arm, row in leads.items():
+        print(f"{arm}: above {args.reference} at {row['above_reference']} of "
+              f"{row['evaluations']} evaluations after step 0; at or above its own step-0 "
+              f"value at {row['at_or_above_own_step0']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"title": args.title, "arms": sources,
+    out.write_text(json.dumps({"title": args.title, "arms": sources, "lead": leads,
                                "summary": summary.to_dict()}, indent=2, default=str))
     print(f"written {out}")
 
