@@ -236,6 +236,26 @@ def test_gqa_llama_adapter_moves_exactly_into_a_widened_llama(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
 
 
+def test_gqa_llama_adapter_moves_into_a_peft_wrapped_widened_llama_in_place():
+    """The path of ``TaskVectorTransport`` for a PEFT-wrapped decoder: the family reads the
+    rotary frequencies, a buffer, from the wrapper's view of the target."""
+    torch.manual_seed(0)
+    source = _llama(32, 64, 1e-5)
+    target = _widen_llama(source)
+    modules = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=modules)
+    wrapped = get_peft_model(copy.deepcopy(target), LoraConfig(
+        r=4, lora_alpha=8, target_modules=modules, task_type="CAUSAL_LM")).eval()
+    g = torch.Generator().manual_seed(2)
+    calibration = [{"input_ids": torch.randint(0, 100, (8, 12), generator=g)} for _ in range(3)]
+    report = transport_into_peft(source, adapter, wrapped, calibration, progress=False)
+    assert report.target_family == "hf_decoder" and len(report.modules) == 10
+    ids = torch.randint(0, 100, (4, 10), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, adapter(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+
+
 def test_patterns_rslora_and_alpha_go_into_the_factors(tmp_path):
     source = _bert(BertModel)
     target, e = _widen_bert(source)

@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -407,10 +406,8 @@ def _unwrapped(live: nn.Module, adapter: str
     from peft.utils import ModulesToSaveWrapper
 
     memo: dict[int, Any] = {}
-    for t in chain(live.parameters(), live.buffers()):
-        empty = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) \
-            else empty
+    for p in live.parameters():  # buffers stay real: the families read some (rotary inv_freq)
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     view = copy.deepcopy(live, memo)
     state: dict[str, Tensor] = {}
     layers: dict[str, nn.Module] = {}
