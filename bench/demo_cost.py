@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--source", required=True, help="the demo's fine-tuned source checkpoint")
     parser.add_argument("--calibration_batches", type=int, nargs="+", default=[8, 4, 2])
     parser.add_argument("--solvers", nargs="+", default=["svd", "eigh"])
+    parser.add_argument("--rows_per_batch", nargs="+", default=["all"],
+                        help="rows_per_batch values to try ('all': every row)")
     parser.add_argument("--work_dir", default="runs/demo_cost")
     parser.add_argument("--out", default="bench/results/demo_cost.json")
     args = parser.parse_args()
@@ -71,16 +73,19 @@ def main() -> None:
     rows = []
     with quiet_console():
         cold = cold_seconds(config, root)
-        for nb, solver in itertools.product(args.calibration_batches, args.solvers):
+        for nb, solver, cap in itertools.product(args.calibration_batches, args.solvers,
+                                                 args.rows_per_batch):
             rows.append(transported(config, root, args.source, calibration_batches=nb,
-                                    bn_recalibration=nb, solver=solver))
+                                    bn_recalibration=nb, solver=solver,
+                                    rows_per_batch=None if cap == "all" else int(cap)))
     print(f"cold arm: {cold:.1f} s of training ({config.fit_config[0]['trainer']['max_steps']} "
           "steps, validation excluded)")
-    print(f"{'batches':>8} {'solver':>6} {'stats s':>8} {'maps s':>7} {'total s':>8} "
-          f"{'/ cold':>7} {'step-0 acc':>10}")
+    print(f"{'batches':>8} {'solver':>6} {'rows/batch':>10} {'stats s':>8} {'maps s':>7} "
+          f"{'total s':>8} {'/ cold':>7} {'step-0 acc':>10}")
     for r in rows:
         t = r["timings"]
-        print(f"{r['options']['calibration_batches']:>8} {r['options']['solver']:>6} "
+        cap = r["options"]["rows_per_batch"] or "all"
+        print(f"{r['options']['calibration_batches']:>8} {r['options']['solver']:>6} {cap:>10} "
               f"{t.get('statistics', 0):>8.2f} {t.get('maps', 0):>7.2f} "
               f"{r['callback_seconds']:>8.2f} {r['callback_seconds'] / cold:>7.2f} "
               f"{r['step0_acc']:>10.3f}")

@@ -49,6 +49,8 @@ Usage:
     python bench/transport_cost.py --cases text vit_b_32 --threads 2
     python bench/transport_cost.py --cases vit_b_32 vit_l_32 --device cuda --threads 16 \
         --out bench/results/transport_cost_gpu.json
+    python bench/transport_cost.py --cases vit_b_128 --option rows_per_batch=1024 \
+        --out bench/results/transport_cost_rows.json   # any transport option, for every case
     python bench/transport_cost.py --case text --child   # one case, JSON on stdout
 """
 
@@ -395,6 +397,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     floor_flops = (forward_flops(source, cal_s) + forward_flops(target, cal_t)
                    if case.get("count_flops", True) else 0)
     rss_before = _rss_mb()
+    options = {**case.get("options", {}), **parse_options(args.option)}
     profiler = None
     if args.profile:
         import cProfile
@@ -409,7 +412,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if profiler:
             profiler.enable()
         report = transport(source, finetuned, target, cal_s, target_calibration=cal_t_given,
-                           solver=args.solver, progress=False, **case.get("options", {}))
+                           solver=args.solver, progress=False, **options)
         _sync()
         if profiler:
             profiler.disable()
@@ -460,6 +463,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
                        for k, v in sorted(probes["maps_by_shape"].items())},
         statistics_memory=dict(bytes=probes["stats_bytes"], spaces=probes["stats_spaces"],
                                mb=probes["stats_bytes"] / 2**20),
+        options=options,
         n_maps=len(report.maps),
         maps_rank_deficient=sum(not m.determined for m in report.maps),
         n_params=len(report.params),
@@ -486,7 +490,8 @@ def run_case_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
            "--threads", str(args.threads), "--device", args.device, "--solver", args.solver,
            "--sentences", str(args.sentences),
            "--max-length", str(args.max_length), "--dtype", args.dtype,
-           "--layers", *map(str, args.layers), "--block-group", str(args.block_group)]
+           "--layers", *map(str, args.layers), "--block-group", str(args.block_group),
+           *(a for o in args.option for a in ("--option", o))]
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -560,12 +565,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="qwen case: source and target depth (default 24 28, the real pair)")
     parser.add_argument("--block-group", type=int, default=4,
                         help="qwen case: target blocks per statistics pass (default 4)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a transport option for every case, the value read as YAML, e.g. "
+                        "--option rows_per_batch=1024 --option block_group=6 (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also run the transport under cProfile (slower) and keep the top "
                         "functions")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["rows_per_batch=1024", ...]`` -> ``{"rows_per_batch": 1024, ...}`` (values as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--option takes NAME=VALUE, got {pair!r}")
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def main(argv=None) -> int:

@@ -254,3 +254,12 @@ def test_eigh_solver_falls_back_to_the_svd_where_the_gram_cannot_resolve():
     six = _spread_spectrum(60, 80, 6.0, seed=20)
     assert _polar_eigh(six, 1e-6, polish_steps=0) is None
     assert _polar_eigh(six, 1e-6) is not None
+
+
+@pytest.mark.parametrize("d_s,d_t", [(6, 9), (9, 6)])
+def test_completion_of_statistics_that_determine_nothing_is_the_crop_map(d_s, d_t):
+    stats = _stats(torch.zeros(20, d_s, dtype=torch.float64),
+                   torch.randn(20, d_t, dtype=torch.float64))
+    completed = procrustes_map(stats, completion="crop")
+    assert completed.rank == 0 and completed.completed == min(d_s, d_t)
+    torch.testing.assert_close(completed.map, crop_map(d_s, d_t), atol=1e-12, rtol=0)

@@ -197,6 +197,7 @@ def _unchanged(model: nn.Module, snapshot) -> bool:
     ({"embeddings": "copy"}, "embeddings must be one of \\('zero', 'map'\\)"),
     ({"solver": "qr"}, r"solver must be one of \('auto', 'svd', 'eigh'\)"),
     ({"center": "no"}, r"center must be True or False, got 'no'"),
+    ({"rows_per_batch": 0}, r"rows_per_batch must be None \(every row\) or a number of rows >= 1"),
     ({"strict": 1}, r"strict must be True or False, got 1"),
     ({"calibration": []}, "calibration data yielded no batches"),
     ({"calibration": None}, "needs calibration inputs"),
@@ -276,6 +277,48 @@ def test_transport_is_bit_identical_when_repeated():
         transport(source, finetuned, target, _calibration(), progress=False)
         results.append(_snapshot(target))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_rows_per_batch_keeps_a_reproducible_subset_of_each_batch():
+    source = TinyMLP()
+    embed = _signed_partial_permutation(16, 24, seed=3)
+    finetuned = _perturbed(source)
+    x = torch.randn(256, 20)
+
+    def run(**options):
+        target = _widen(source, embed)
+        report = transport(source, finetuned, target, _calibration(), progress=False, **options)
+        return target, report
+
+    full, full_report = run()
+    every_row, _ = run(rows_per_batch=64)  # the batches have 64 rows: nothing is dropped
+    assert _unchanged(every_row, _snapshot(full))
+    sampled, report = run(rows_per_batch=24)
+    again, _ = run(rows_per_batch=24)
+    assert {m.n_rows for m in full_report.maps} == {6 * 64}
+    assert {m.n_rows for m in report.maps} == {6 * 24}
+    assert _unchanged(again, _snapshot(sampled))
+    assert not _unchanged(sampled, _snapshot(full))  # other rows, other float sums
+    # an exact widening is recovered from any rows that determine the maps (rank 16 of 16)
+    assert all(m.determined for m in report.maps)
+    torch.testing.assert_close(sampled(x), finetuned(x), atol=1e-4, rtol=0)
+
+
+def test_row_sampler_draws_the_same_rows_for_every_pairing_of_a_batch():
+    from warmstart.engine.activations import RowSampler
+
+    sampler = RowSampler(5)
+    rows = torch.arange(12.0)[:, None]
+    sampler.new_batch(0)
+    a, b = sampler(rows, rows * 10)
+    a2, _ = sampler(rows + 100, rows)
+    assert a.shape == (5, 1) and torch.equal(b, a * 10) and torch.equal(a2, a + 100)
+    assert torch.equal(a.flatten(), a.flatten().sort().values)  # rows keep their order
+    sampler.new_batch(1)
+    assert not torch.equal(sampler(rows, rows)[0], a)
+    short = torch.ones(3, 2)
+    assert sampler(short, short)[0] is short
+    assert RowSampler(None)(rows, rows)[0] is rows
 
 
 class TinyCNN(nn.Module):

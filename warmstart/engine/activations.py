@@ -260,6 +260,7 @@ def collect_statistics(
     stop_early: bool = False,
     token_pairing: str = "auto",
     pairings_used: dict[str, int] | None = None,
+    rows_per_batch: int | None = None,
 ) -> dict[SpaceKey, CrossStatistics]:
     """Float64 cross statistics for every pairing, keyed by target space.
 
@@ -271,6 +272,8 @@ def collect_statistics(
     norm gains' :class:`~.gains.GainStatistics`). ``stop_early`` ends each forward pass as soon as
     every observed layer has run. Text token rows pair by ``token_pairing`` (see
     :mod:`.token_alignment`); ``pairings_used``, when given, counts the batches per pairing.
+    ``rows_per_batch`` keeps at most that many of a batch's paired rows per pairing (see
+    :class:`RowSampler`).
     """
     pairings = list(pairings)
     device_t = model_device(target)
@@ -287,9 +290,11 @@ def collect_statistics(
             consumers[(point_t.module, point_t.side)].append((stats[p.target_space], point_s,
                                                               point_t, p.target_space))
     source_keys = {(s.module, s.side) for p in pairings for s, _ in p.points}
+    sampler = RowSampler(rows_per_batch)
 
     def check_finite(act: Tensor, model: str, key: tuple[str, str]) -> None:
-        if not torch.isfinite(act).all():
+        # one reduction instead of a mask: NaN and Inf propagate into the sum
+        if not torch.isfinite(act.sum()):
             raise ValueError(f"{model} layer {key[0]!r} ({key[1]}put): calibration activations "
                              "contain NaN or Inf; check the calibration inputs and the models' "
                              "dtype.")
@@ -331,6 +336,7 @@ def collect_statistics(
                         raise
                     acc.unpaired = True  # e.g. a pooled norm against a per-token one
                     continue
+                a, b = sampler(a, b)
                 acc.update(a, b)
             if stop_early and len(consumed) == len(consumers):
                 raise _Enough
@@ -348,6 +354,7 @@ def collect_statistics(
             inputs_t, infos["target"] = prepare_inputs(target, target_layout,
                                                        move_to(batch_t, target))
             alignment[0] = align_tokens(infos["source"], infos["target"], token_pairing)
+            sampler.new_batch(n_batches)
             if alignment[0] is not None and pairings_used is not None:
                 pairings_used[alignment[0].kind] = pairings_used.get(alignment[0].kind, 0) + 1
             for model, inputs, side in ((source, inputs_s, "source"),
@@ -364,6 +371,36 @@ def collect_statistics(
                          "model inputs (e.g. a DataLoader over the task's training data).")
     _all_reduce(stats)
     return stats
+
+
+class RowSampler:
+    """At most ``limit`` of a batch's paired rows, the same ones for every pairing with as many.
+
+    The rows are a random subset drawn by a generator seeded with the batch's index, so a
+    transport is reproducible and every space with the same rows (e.g. all token-level points of
+    a ViT) sees the same tokens. ``None`` keeps every row.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.batch = 0
+        self._picks: dict[tuple[int, torch.device], Tensor] = {}
+
+    def new_batch(self, index: int) -> None:
+        self.batch = index
+        self._picks.clear()
+
+    def __call__(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        n = a.shape[0]
+        if self.limit is None or n <= self.limit:
+            return a, b
+        key = (n, a.device)
+        if key not in self._picks:
+            gen = torch.Generator().manual_seed(self.batch)
+            pick = torch.randperm(n, generator=gen)[:self.limit].sort().values
+            self._picks[key] = pick.to(a.device)
+        pick = self._picks[key]
+        return a[pick], b[pick.to(b.device)]
 
 
 def _batches(calibration, target_calibration, max_batches):

@@ -46,10 +46,11 @@ class GainStatistics:
         self.unpaired = False
 
     def update(self, source_rows: Tensor, target_rows: Tensor) -> None:
+        # float32 products summed in float64, as in CrossStatistics.update
         a = _unscale(source_rows, self._source)
         b = _unscale(target_rows, self._target)
         self.cross += a.T @ b
-        self.sq_target += b.square().sum(0)
+        self.sq_target += b.square().sum(0, dtype=torch.float64)
         self.n_rows += int(a.shape[0])
 
     def tensors(self) -> list[Tensor]:
@@ -65,8 +66,10 @@ def _unscaler(gain: Tensor, shift: Tensor | None, device) -> tuple[Tensor, Tenso
 
 
 def _unscale(rows: Tensor, unscaler) -> Tensor:
+    """Normalised features in float32 (float64 rows stay float64)."""
     inverse, shift, _ = unscaler
-    return (rows.to(inverse.device, torch.float64) - shift) * inverse
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return (rows.to(inverse.device, dtype) - shift.to(dtype)) * inverse.to(dtype)
 
 
 def gain(tau: Tensor, t: Tensor, stats: GainStatistics | None) -> Tensor:

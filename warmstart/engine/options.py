@@ -38,6 +38,11 @@ class TransportOptions:
             ``alpha_grid`` by a validation score (forward passes only).
         alpha_grid: the strengths tried by ``alpha="auto"``.
         calibration_batches: calibration batches observed (``None``: all that are given).
+        rows_per_batch: at most this many paired rows (tokens, or positions of a feature map)
+            of each calibration batch enter each space's statistics, a random subset seeded by
+            the batch's index (``None``: every row). Cheaper statistics where batches have many
+            more rows than the spaces are wide; a space gets a rank-deficient map when the rows
+            it sees in all are fewer than its width.
         center: subtract the mean activations before computing the maps.
         whiten: partial whitening power in [0, 0.5] (0: the method's uncentered cross moment).
         completion: directions no calibration row determines get the crop map restricted to them
@@ -79,6 +84,7 @@ class TransportOptions:
     alpha: float | Literal["auto"] = 1.0
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
     calibration_batches: int | None = None
+    rows_per_batch: int | None = None
     center: bool = False
     whiten: float = 0.0
     completion: Literal["none", "crop"] = "crop"
@@ -133,6 +139,9 @@ class TransportOptions:
         if self.calibration_batches is not None and not _is_count(self.calibration_batches, 1):
             raise ValueError(f"calibration_batches must be None (all batches) or a number of "
                              f"batches >= 1, got {self.calibration_batches!r}.")
+        if self.rows_per_batch is not None and not _is_count(self.rows_per_batch, 1):
+            raise ValueError(f"rows_per_batch must be None (every row) or a number of rows >= 1, "
+                             f"got {self.rows_per_batch!r}.")
         if not _is_number(self.rank_rtol) or not 0.0 <= self.rank_rtol < 1.0:
             raise ValueError(f"rank_rtol must be in [0, 1), got {self.rank_rtol!r}.")
         check_token_pairing(self.token_pairing)

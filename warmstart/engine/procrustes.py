@@ -154,7 +154,7 @@ def polar_factor(matrix: Tensor, rank_rtol: float = 1e-6, solver: Solver = "auto
     ``rank_rtol * s_max`` are treated as zero: their singular vectors are not determined by the
     data. ``solver``: see the module's docstring.
     """
-    factor, rank, _ = _polar(matrix, rank_rtol, solver)
+    factor, rank, _, _ = _polar(matrix, rank_rtol, solver)
     return factor, rank
 
 
@@ -176,9 +176,10 @@ def resolve_solver(solver: Solver, device: torch.device) -> str:
 EIGH_MIN_RTOL = 1e-7
 
 
-def _polar(matrix: Tensor, rank_rtol: float, solver: Solver) -> tuple[Tensor, int, Tensor]:
-    """Polar factor, rank, and an orthonormal basis (columns) of the undetermined directions on
-    the narrow side (in R^rows when rows <= columns, else in R^columns)."""
+def _polar(matrix: Tensor, rank_rtol: float, solver: Solver
+           ) -> tuple[Tensor, int, Tensor, Tensor]:
+    """Polar factor, rank, and orthonormal bases (columns) of the undetermined and of the kept
+    directions on the narrow side (in R^rows when rows <= columns, else in R^columns)."""
     m = matrix.double()
     if resolve_solver(solver, m.device) == "eigh" and rank_rtol >= EIGH_MIN_RTOL:
         result = _polar_eigh(m, rank_rtol)
@@ -187,19 +188,18 @@ def _polar(matrix: Tensor, rank_rtol: float, solver: Solver) -> tuple[Tensor, in
     return _polar_svd(m, rank_rtol)
 
 
-def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor]:
+def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    narrow = u if m.shape[0] <= m.shape[1] else vh.T
     if s.numel() == 0 or float(s[0]) == 0.0:
-        free = u if m.shape[0] <= m.shape[1] else vh.T
-        return torch.zeros_like(m), 0, free
+        return torch.zeros_like(m), 0, narrow, narrow[:, :0]
     keep = s > rank_rtol * s[0]
     factor = u[:, keep] @ vh[keep]
-    free = u[:, ~keep] if m.shape[0] <= m.shape[1] else vh[~keep].T
-    return factor, int(keep.sum()), free
+    return factor, int(keep.sum()), narrow[:, ~keep], narrow[:, keep]
 
 
 def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2,
-                orthonormality_tol: float = 1e-9) -> tuple[Tensor, int, Tensor] | None:
+                orthonormality_tol: float = 1e-9) -> tuple[Tensor, int, Tensor, Tensor] | None:
     """The polar factor from the eigenvectors ``W`` of the narrow-side Gram, or ``None`` when
     its result fails the orthonormality check (the caller then uses the SVD).
 
@@ -213,13 +213,13 @@ def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2,
     """
     if m.shape[0] > m.shape[1]:
         result = _polar_eigh(m.T, rank_rtol, polish_steps, orthonormality_tol)
-        return None if result is None else (result[0].T, result[1], result[2])
+        return None if result is None else (result[0].T, *result[1:])
     _, basis = torch.linalg.eigh(m @ m.T)
     rotated = basis.T @ m
     sigma = torch.linalg.vector_norm(rotated, dim=1)
     s_max = float(sigma.max()) if sigma.numel() else 0.0
     if s_max == 0.0:
-        return torch.zeros_like(m), 0, basis
+        return torch.zeros_like(m), 0, basis, basis[:, :0]
     keep = sigma > rank_rtol * s_max
     z = rotated[keep] / sigma[keep, None]
     for _ in range(polish_steps):
@@ -228,7 +228,7 @@ def _polar_eigh(m: Tensor, rank_rtol: float, polish_steps: int = 2,
     gram.diagonal().sub_(1.0)
     if float(gram.abs().max()) > orthonormality_tol:
         return None
-    return basis[:, keep] @ z, int(keep.sum()), basis[:, ~keep]
+    return basis[:, keep] @ z, int(keep.sum()), basis[:, ~keep], basis[:, keep]
 
 
 def crop_map(d_source: int, d_target: int, dtype=torch.float64, device=None) -> Tensor:
@@ -296,34 +296,54 @@ def procrustes_map(
     if whiten > 0:
         cross = (_inverse_root(gram_s, whiten, eig_floor) @ cross
                  @ _inverse_root(gram_t, whiten, eig_floor))
-    transport, rank, free = _polar(cross, rank_rtol, solver)
+    transport, rank, free, used = _polar(cross, rank_rtol, solver)
     completed = 0
     if completion == "crop" and rank < min(cross.shape):
-        transport, completed = _complete(transport, free, rank_rtol, solver)
+        transport, completed = _complete(transport, free, used, rank_rtol)
     residual, alignment = _fit_quality(stats, transport, center)
     return ProcrustesMap(transport, rank, n, residual, alignment, completed)
 
 
-def _complete(partial: Tensor, free: Tensor, rank_rtol: float, solver: Solver
+def _complete(partial: Tensor, free: Tensor, used: Tensor, rank_rtol: float
               ) -> tuple[Tensor, int]:
     """Add the polar factor of the crop map restricted to the undetermined directions.
 
-    ``free`` [d_narrow, k] spans the narrow side's undetermined directions; the other side's are
-    the complement of ``partial``'s span. Working in the k-dimensional basis keeps this to thin
-    products and the polar factor of a matrix with k rows (or columns).
+    ``free`` [d_narrow, k] and ``used`` [d_narrow, r] are orthonormal bases of the narrow side's
+    undetermined and determined directions; on the wide side the undetermined directions are the
+    complement of ``partial``'s span. The result is computed in closed form (see
+    :func:`_crop_filler`), with one SVD of a k x r matrix instead of a polar factor of k rows.
     """
-    d_s, d_t = partial.shape
-    if d_s <= d_t:
-        restricted = torch.zeros(free.shape[1], d_t, dtype=partial.dtype, device=partial.device)
-        restricted[:, :d_s] = free.T  # free^T (crop map)
-        restricted -= (restricted @ partial.T) @ partial  # ... then off the target's used span
-        filler, added = polar_factor(restricted, rank_rtol, solver)
+    if partial.shape[0] <= partial.shape[1]:
+        filler, added = _crop_filler(partial, free, used, rank_rtol)
         return partial + free @ filler, added
-    restricted = torch.zeros(d_s, free.shape[1], dtype=partial.dtype, device=partial.device)
-    restricted[:d_t] = free  # (crop map) free
-    restricted -= partial @ (partial.T @ restricted)
-    filler, added = polar_factor(restricted, rank_rtol, solver)
-    return partial + filler @ free.T, added
+    filler, added = _crop_filler(partial.T, free, used, rank_rtol)  # the crop map transposes
+    return partial + (free @ filler).T, added
+
+
+def _crop_filler(partial: Tensor, free: Tensor, used: Tensor, rank_rtol: float
+                 ) -> tuple[Tensor, int]:
+    """Polar factor of ``R = F^T E (I - T^T T)`` for a wide ``T = partial`` [d_n, d_w].
+
+    ``E`` is the crop map [d_n, d_w], ``F = free`` [d_n, k] and ``U = used`` [d_n, r] with
+    ``T = U V^T``. Because ``F^T E E^T F = I``, ``R R^T = I - M M^T`` with ``M = F^T E V``
+    [k, r]: with the thin SVD ``M = P S Q^T``, ``R`` has singular values ``sqrt(1 - s_i^2)``
+    along ``P`` and 1 on the rest, so its polar factor is ``R`` with the rows ``P^T R``
+    normalised (their norms are those singular values, read without the cancellation of
+    ``1 - s^2``) and the directions at or below ``rank_rtol`` times the largest removed.
+    """
+    k, (d_n, d_w) = free.shape[1], partial.shape
+    v = partial.T @ used  # [d_w, r]
+    restricted = torch.zeros(k, d_w, dtype=partial.dtype, device=partial.device)
+    restricted[:, :d_n] = free.T  # F^T E
+    m = restricted @ v  # [k, r]
+    restricted -= m @ v.T
+    p, _, _ = torch.linalg.svd(m, full_matrices=False)  # [k, min(k, r)]
+    along = p.T @ restricted
+    sigma = torch.linalg.vector_norm(along, dim=1)
+    s_max = max(float(sigma.max()) if sigma.numel() else 0.0, 1.0 if p.shape[1] < k else 0.0)
+    keep = sigma > rank_rtol * s_max
+    scaled = torch.where(keep[:, None], along / torch.where(keep, sigma, 1.0)[:, None], 0.0)
+    return restricted + p @ (scaled - along), k - int((~keep).sum())
 
 
 def _fit_quality(stats: CrossStatistics, transport: Tensor, center: bool) -> tuple[float, float]:

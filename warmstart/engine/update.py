@@ -165,7 +165,7 @@ def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
         calibration, target_calibration, with_grams=opts.whiten > 0,
         max_batches=opts.calibration_batches, progress=progress,
         token_pairing=opts.token_pairing, pairings_used=pairings_used,
-        accumulators=accumulators, stop_early=stop_early)
+        accumulators=accumulators, stop_early=stop_early, rows_per_batch=opts.rows_per_batch)
     timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
     extra_stats = {key: stats.pop(key) for key in accumulators}
     t0 = time.perf_counter()
