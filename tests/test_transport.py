@@ -387,3 +387,16 @@ def test_eigh_solver_transports_like_the_svd():
         worst = max(worst, float(gap / update.norm().clamp_min(1e-12)))
     print(f"eigh vs svd: largest relative update gap {worst:.1e}")
     assert worst < 1e-5, worst
+
+
+def test_large_float16_activations_are_not_taken_for_overflow():
+    # every activation finite, but their float16 sum would overflow (> 65504)
+    source = TinyMLP(d_in=20).half()
+    target = TinyMLP(d_in=20, hidden=24).half()
+    with torch.no_grad():
+        for model in (source, target):
+            model.fc1.bias.fill_(60.0)
+    calibration = [torch.randn(512, 20).half() for _ in range(2)]
+    report = transport(source, _perturbed(source.float()).half(), target, calibration,
+                       progress=False)
+    assert all(m.n_rows == 1024 for m in report.maps)

@@ -293,8 +293,10 @@ def collect_statistics(
     sampler = RowSampler(rows_per_batch)
 
     def check_finite(act: Tensor, model: str, key: tuple[str, str]) -> None:
-        # one reduction instead of a mask: NaN and Inf propagate into the sum
-        if not torch.isfinite(act.sum()):
+        # one reduction instead of a mask: NaN and Inf propagate into the sum, which is taken
+        # in float32 at least (a float16 sum of finite values can overflow)
+        wide = torch.float64 if act.dtype == torch.float64 else torch.float32
+        if not torch.isfinite(act.sum(dtype=wide)):
             raise ValueError(f"{model} layer {key[0]!r} ({key[1]}put): calibration activations "
                              "contain NaN or Inf; check the calibration inputs and the models' "
                              "dtype.")
