@@ -321,6 +321,25 @@ def test_row_sampler_draws_the_same_rows_for_every_pairing_of_a_batch():
     assert RowSampler(None)(rows, rows)[0] is rows
 
 
+@pytest.mark.parametrize("shapes,layout", [
+    (((4, 3, 6, 5), (4, 7, 6, 5)), "channels"),
+    (((4, 3, 3, 4), (4, 7, 6, 5)), "channels"),  # the source map is resized first
+    (((4, 6, 5, 3), (4, 6, 5, 7)), "last"),  # channels-last maps
+])
+def test_feature_map_rows_are_picked_before_they_are_copied_out(shapes, layout):
+    from warmstart.engine.activations import RowSampler, pair_rows
+    from warmstart.engine.families.base import SequenceInfo
+
+    source, target = (torch.randn(*shape) for shape in shapes)
+    info = SequenceInfo()
+    sampler = RowSampler(17)
+    sampler.new_batch(3)
+    expected = sampler(*pair_rows(source, target, info, info, layout))
+    picked = pair_rows(source, target, info, info, layout, sampler=sampler)
+    assert picked[0].shape == (17, 3) and picked[1].shape == (17, 7)
+    assert torch.equal(picked[0], expected[0]) and torch.equal(picked[1], expected[1])
+
+
 class TinyCNN(nn.Module):
     def __init__(self, channels: int = 8):
         super().__init__()

@@ -109,8 +109,8 @@ def _slice(act: Tensor, point: Point) -> Tensor:
 
 
 def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_info: SequenceInfo,
-              layout: str, where: str = "", alignment: TokenAlignment | None = None
-              ) -> tuple[Tensor, Tensor]:
+              layout: str, where: str = "", alignment: TokenAlignment | None = None,
+              sampler: RowSampler | None = None) -> tuple[Tensor, Tensor]:
     """Paired rows ``([n_rows, d_source], [n_rows, d_target])`` from two activations of one batch.
 
     ``channels`` maps [B, C, H, W] are paired per spatial position after resizing the source map
@@ -118,6 +118,8 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
     by the attention masks (padding excluded), by class token and resized patch grid (ViT), or one
     to one when the token counts are equal. Text tokens pair as ``alignment`` says (default:
     ``align_tokens(source_info, target_info)``): one to one, by character offsets or per example.
+    ``sampler`` picks the positions of a feature map before its rows are copied out; the rows are
+    the ones it would pick from the whole map.
     """
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"{where}: source batch has {source.shape[0]} examples, target "
@@ -128,6 +130,12 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
         if source.shape[-2:] != target.shape[-2:]:
             source = F.interpolate(source.float(), size=target.shape[-2:], mode="bilinear",
                                    align_corners=False)
+        pick = sampler.pick(target[:, 0].numel(), target.device) if sampler else None
+        if pick is not None:  # rows b * H * W + h * W + w, gathered without copying the maps
+            spatial = target[0, 0].numel()
+            b, hw = pick // spatial, pick % spatial
+            return (source.flatten(2)[b.to(source.device), :, hw.to(source.device)],
+                    target.flatten(2)[b, :, hw])
         return (source.movedim(1, -1).reshape(-1, source.shape[1]),
                 target.movedim(1, -1).reshape(-1, target.shape[1]))
     if source.ndim == 2 and target.ndim == 2:
@@ -332,7 +340,7 @@ def collect_statistics(
                     a, b = pair_rows(src, _slice(act.detach(), point_t),
                                      infos["source"].of(point_s.sequence),
                                      infos["target"].of(point_t.sequence), point_t.layout,
-                                     where, alignment[0] if main else None)
+                                     where, alignment[0] if main else None, sampler)
                 except ValueError:
                     if not getattr(acc, "optional", False):
                         raise
@@ -392,16 +400,21 @@ class RowSampler:
         self.batch = index
         self._picks.clear()
 
-    def __call__(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        n = a.shape[0]
+    def pick(self, n: int, device: torch.device) -> Tensor | None:
+        """The sorted indices of the rows kept out of ``n``, or ``None`` to keep them all."""
         if self.limit is None or n <= self.limit:
-            return a, b
-        key = (n, a.device)
+            return None
+        key = (n, device)
         if key not in self._picks:
             gen = torch.Generator().manual_seed(self.batch)
             pick = torch.randperm(n, generator=gen)[:self.limit].sort().values
-            self._picks[key] = pick.to(a.device)
-        pick = self._picks[key]
+            self._picks[key] = pick.to(device)
+        return self._picks[key]
+
+    def __call__(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        pick = self.pick(a.shape[0], a.device)
+        if pick is None:
+            return a, b
         return a[pick], b[pick.to(b.device)]
 
 
