@@ -12,7 +12,7 @@ Ways: ``svd`` (torch's default driver), on CUDA also ``gesvd``, ``gesvdj`` and `
 ``eigh`` (eigendecomposition of the narrow-side Gram, which squares the condition number, scaled
 by the inverse square roots of its eigenvalues); and ``engine eigh``, the engine's own
 ``polar_factor(m, solver="eigh")`` (``warmstart/engine/procrustes.py``): the same eigenvectors,
-singular values from row norms, then two Newton-Schulz polishing steps.
+singular values from row norms, then at most two polishing steps.
 
     python bench/polar_cost.py --device cpu --threads 2
     python bench/polar_cost.py --device cuda --threads 16 --out bench/results/polar_cost_gpu.json

@@ -256,6 +256,33 @@ def test_eigh_solver_falls_back_to_the_svd_where_the_gram_cannot_resolve():
     assert _polar_eigh(six, 1e-6) is not None
 
 
+@pytest.mark.parametrize("noise", [1e-12, 1e-5, 3e-3, 1e-2])
+def test_polishing_returns_the_polar_factor_of_nearly_orthonormal_rows(noise):
+    from warmstart.engine.procrustes import _orthonormalize
+
+    g = torch.Generator().manual_seed(23)
+    z = _semi_orthogonal(40, 70, seed=24) + noise * torch.randn(40, 70, generator=g,
+                                                                 dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(z, full_matrices=False)
+    polished = _orthonormalize(z.clone(), 3, 1e-9)
+    assert polished is not None
+    # accepted either by a measured Gram or by the cubic bound of its last step
+    gram = polished @ polished.T
+    assert float((gram - torch.eye(40, dtype=gram.dtype)).abs().max()) <= 1e-9
+    torch.testing.assert_close(polished, u @ vh, atol=1e-9, rtol=0)
+
+
+def test_polishing_refuses_rows_far_from_orthonormal_or_out_of_steps():
+    from warmstart.engine.procrustes import _orthonormalize
+
+    z = _semi_orthogonal(10, 20, seed=25)
+    assert _orthonormalize(3.0 * z, 2, 1e-9) is None  # ||E|| = 8: no series step converges
+    g = torch.Generator().manual_seed(26)
+    rough = z + 0.05 * torch.randn(10, 20, generator=g, dtype=torch.float64)
+    assert _orthonormalize(rough.clone(), 0, 1e-9) is None
+    assert _orthonormalize(rough.clone(), 3, 1e-9) is not None
+
+
 @pytest.mark.parametrize("d_s,d_t", [(6, 9), (9, 6)])
 def test_completion_of_statistics_that_determine_nothing_is_the_crop_map(d_s, d_t):
     stats = _stats(torch.zeros(20, d_s, dtype=torch.float64),
