@@ -50,7 +50,7 @@ class GainStatistics:
         a = _unscale(source_rows, self._source)
         b = _unscale(target_rows, self._target)
         self.cross += a.T @ b
-        self.sq_target += b.square().sum(0, dtype=torch.float64)
+        self.sq_target += b.square().sum(0)
         self.n_rows += int(a.shape[0])
 
     def tensors(self) -> list[Tensor]:

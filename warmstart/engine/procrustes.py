@@ -81,9 +81,10 @@ class CrossStatistics:
     def update(self, source_rows: Tensor, target_rows: Tensor) -> None:
         """Add paired rows: ``source_rows`` [n_rows, d_source], ``target_rows`` [n_rows, d_target].
 
-        The products are formed in the rows' own precision (at least float32) and accumulated in
-        float64: a batch contributes a few thousand rows, so float32 products lose nothing that
-        matters while running several times faster than float64 ones on CPU.
+        The products and column sums are formed in the rows' own precision (at least float32) and
+        accumulated in float64: a batch contributes a few thousand rows, so float32 products and
+        (pairwise) sums lose nothing that matters while running several times faster than float64
+        ones on CPU (a sum cast to float64 on the fly is about ten times slower).
         """
         if source_rows.ndim != 2 or target_rows.ndim != 2:
             raise ValueError(
@@ -107,8 +108,8 @@ class CrossStatistics:
         a = source_rows.detach().to(self.device, dtype)
         b = target_rows.detach().to(self.device, dtype)
         self.cross += a.T @ b
-        self.sum_source += a.sum(0, dtype=torch.float64)
-        self.sum_target += b.sum(0, dtype=torch.float64)
+        self.sum_source += a.sum(0)
+        self.sum_target += b.sum(0)
         self.sq_source += torch.linalg.vecdot(a.flatten(), a.flatten()).double()
         self.sq_target += torch.linalg.vecdot(b.flatten(), b.flatten()).double()
         if self.with_grams:
