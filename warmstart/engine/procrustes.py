@@ -15,10 +15,10 @@ documented in :func:`procrustes_map`.
 Two solvers compute the polar factor (``solver=``):
 
 - ``svd``: a float64 thin SVD, the reference; the default on the CPU.
-- ``eigh``: an eigendecomposition of the narrow-side Gram ``C C^T``, then at most two polishing steps
-  (a series for the inverse square root of the rows' Gram).
-  A GPU computes it about 15 times faster than the SVD for the large maps (0.077 s against 1.17 s
-  for 3072 x 3584 on an H100, ``bench/polar_cost.py``), so it is the default there
+- ``eigh``: an eigendecomposition of the narrow-side Gram ``C C^T``, then at most two polishing
+  steps (a series for the inverse square root of the rows' Gram). A GPU computes it about 15
+  times faster than the SVD for the large maps (0.077 s against 1.17 s for 3072 x 3584 on an
+  H100, ``bench/polar_cost.py``), so it is the default there
   (``solver="auto"``). On matrices whose singular values span six decades its factor differs
   from the SVD's by 2e-6 per direction (RMS) and is orthonormal to 3e-12; the float32 noise in
   the statistics already moves the maps by more than that. It falls back to the SVD when
