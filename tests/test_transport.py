@@ -340,6 +340,32 @@ def test_feature_map_rows_are_picked_before_they_are_copied_out(shapes, layout):
     assert torch.equal(picked[0], expected[0]) and torch.equal(picked[1], expected[1])
 
 
+@pytest.mark.parametrize("case", ["masked", "grid", "grid_prefixes_differ", "grid_no_prefix"])
+def test_token_rows_are_picked_before_they_are_copied_out(case):
+    from warmstart.engine.activations import RowSampler, pair_rows
+    from warmstart.engine.families.base import SequenceInfo
+
+    g = torch.Generator().manual_seed(5)
+    if case == "masked":
+        mask = torch.rand(4, 9, generator=g) > 0.3
+        info_s = info_t = SequenceInfo(mask=mask)
+        shape_s, shape_t = (4, 9, 3), (4, 9, 7)
+    else:
+        prefix_s, prefix_t = {"grid": (1, 1), "grid_prefixes_differ": (2, 1),
+                              "grid_no_prefix": (0, 0)}[case]
+        info_s = SequenceInfo(prefix=prefix_s, grid=(3, 4))
+        info_t = SequenceInfo(prefix=prefix_t, grid=(3, 4))
+        shape_s, shape_t = (4, prefix_s + 12, 3), (4, prefix_t + 12, 7)
+    source = torch.randn(*shape_s, generator=g)
+    target = torch.randn(*shape_t, generator=g)
+    sampler = RowSampler(11)
+    sampler.new_batch(2)
+    expected = sampler(*pair_rows(source, target, info_s, info_t, "last"))
+    picked = pair_rows(source, target, info_s, info_t, "last", sampler=sampler)
+    assert picked[0].shape == (11, 3) and picked[1].shape == (11, 7)
+    assert torch.equal(picked[0], expected[0]) and torch.equal(picked[1], expected[1])
+
+
 class TinyCNN(nn.Module):
     def __init__(self, channels: int = 8):
         super().__init__()

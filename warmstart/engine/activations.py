@@ -8,6 +8,8 @@ activations are never stored and nothing outlives the batch.
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -118,8 +120,9 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
     by the attention masks (padding excluded), by class token and resized patch grid (ViT), or one
     to one when the token counts are equal. Text tokens pair as ``alignment`` says (default:
     ``align_tokens(source_info, target_info)``): one to one, by character offsets or per example.
-    ``sampler`` picks the positions of a feature map before its rows are copied out; the rows are
-    the ones it would pick from the whole map.
+    ``sampler`` picks the positions of a feature map, the real tokens of masked text and the
+    tokens of two equal patch grids before their rows are copied out; the rows are the ones it
+    would pick from all of them.
     """
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"{where}: source batch has {source.shape[0]} examples, target "
@@ -147,9 +150,9 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
         alignment = alignment or align_tokens(source_info, target_info)
         if alignment.kind != "one_to_one":
             return alignment.rows(source, target, where)
-        return _pair_masked(source, target, source_info.mask, target_info.mask, where)
+        return _pair_masked(source, target, source_info.mask, target_info.mask, where, sampler)
     if source_info.grid is not None and target_info.grid is not None:
-        return _pair_grid(source, target, source_info, target_info)
+        return _pair_grid(source, target, source_info, target_info, sampler)
     if source.shape[1] != target.shape[1]:
         raise ValueError(f"{where}: {source.shape[1]} source tokens cannot be paired with "
                          f"{target.shape[1]} target tokens without an attention mask or a patch "
@@ -158,7 +161,7 @@ def pair_rows(source: Tensor, target: Tensor, source_info: SequenceInfo, target_
 
 
 def _pair_masked(source: Tensor, target: Tensor, mask_s: Tensor, mask_t: Tensor,
-                 where: str) -> tuple[Tensor, Tensor]:
+                 where: str, sampler: RowSampler | None = None) -> tuple[Tensor, Tensor]:
     if mask_s.shape != source.shape[:2] or mask_t.shape != target.shape[:2]:
         raise ValueError(f"{where}: attention masks {tuple(mask_s.shape)} / {tuple(mask_t.shape)} "
                          f"do not match activations {tuple(source.shape)} / {tuple(target.shape)}.")
@@ -173,12 +176,30 @@ def _pair_masked(source: Tensor, target: Tensor, mask_s: Tensor, mask_t: Tensor,
             "tokenized by fast tokenizers with return_offsets_mapping=True), or set "
             "token_pairing='example' to pair mean-pooled examples."
         )
+    pick = sampler.pick(int(counts_t.sum()), target.device) if sampler else None
+    if pick is not None:  # the picked real tokens, gathered without copying the others
+        rows_s = mask_s.flatten().nonzero().squeeze(1).to(source.device)[pick.to(source.device)]
+        rows_t = mask_t.flatten().nonzero().squeeze(1).to(target.device)[pick]
+        return source.flatten(0, 1)[rows_s], target.flatten(0, 1)[rows_t]
     return source[mask_s.to(source.device)], target[mask_t.to(target.device)]
 
 
-def _pair_grid(source: Tensor, target: Tensor, info_s: SequenceInfo,
-               info_t: SequenceInfo) -> tuple[Tensor, Tensor]:
+def _pair_grid(source: Tensor, target: Tensor, info_s: SequenceInfo, info_t: SequenceInfo,
+               sampler: RowSampler | None = None) -> tuple[Tensor, Tensor]:
     n_prefix = min(info_s.prefix, info_t.prefix)
+    n_patch = math.prod(info_t.grid)
+    pick = None
+    if sampler is not None and tuple(info_s.grid) == tuple(info_t.grid):
+        pick = sampler.pick(target.shape[0] * (n_prefix + n_patch), target.device)
+    if pick is not None:
+        # rows in the order built below: every example's prefix tokens, then its patch tokens
+        patch_row = pick - target.shape[0] * n_prefix
+        is_patch = patch_row >= 0
+        example = torch.where(is_patch, patch_row // n_patch, pick // max(n_prefix, 1))
+        token = torch.where(is_patch, patch_row % n_patch, pick % max(n_prefix, 1))
+        token_s = torch.where(is_patch, token + info_s.prefix, token).to(source.device)
+        token_t = torch.where(is_patch, token + info_t.prefix, token)
+        return source[example.to(source.device), token_s], target[example, token_t]
     rows_s = [source[:, :n_prefix].reshape(-1, source.shape[-1])]
     rows_t = [target[:, :n_prefix].reshape(-1, target.shape[-1])]
     b, d_s = source.shape[0], source.shape[-1]
