@@ -9,7 +9,6 @@ activations are never stored and nothing outlives the batch.
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
