@@ -236,7 +236,7 @@ def _orthonormalize(z: Tensor, max_steps: int, tol: float) -> Tensor | None:
     With ``E = Z Z^T - I``, one step applies the series ``I - E/2 + 3E^2/8`` of ``(I + E)^{-1/2}``
     (matrix products only). Its Gram is exactly ``I + E'`` with ``E'`` the polynomial
     ``(I + E)(I - E/2 + 3E^2/8)^2 - I``, whose spectral norm is below ``||E||^3`` for
-    ``||E|| <= 0.1`` (and contracts up to ``||E|| = 1``); the Frobenius norm bounds ``||E||``.
+    ``||E|| <= 0.1`` (and contracts for ``||E|| < 1``); the Frobenius norm bounds ``||E||``.
     A step whose bound meets ``tol`` therefore needs no further check, and a ``Z`` that is already
     orthonormal (no singular value is tiny) costs a single product.
     """
