@@ -256,6 +256,59 @@ def test_eigh_solver_falls_back_to_the_svd_where_the_gram_cannot_resolve():
     assert _polar_eigh(six, 1e-6) is not None
 
 
+def _low_rank(d_s: int, d_t: int, rank: int, decades: float, seed: int) -> torch.Tensor:
+    """A d_s x d_t matrix of the given rank, its singular values log-spaced over ``decades``."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d_s, rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d_t, rank, generator=g, dtype=torch.float64))
+    return (u * torch.logspace(0, -decades, rank, dtype=torch.float64)) @ v.T
+
+
+@SOLVERS
+@pytest.mark.parametrize("d_s,d_t", [(50, 70), (70, 50)])
+def test_range_solver_matches_the_full_solver_on_a_low_rank_matrix(d_s, d_t, solver):
+    from warmstart.engine.procrustes import _polar
+
+    m = _low_rank(d_s, d_t, 12, 3.0, seed=31)
+    exact, rank, free, used = _polar(m, 1e-6, "svd")
+    fast, fast_rank, fast_free, fast_used = _polar(m, 1e-6, solver, rank_bound=12)
+    assert fast_rank == rank == 12
+    torch.testing.assert_close(fast, exact, atol=1e-9, rtol=0)
+    # the same kept subspace, and its exact complement
+    torch.testing.assert_close(fast_used @ fast_used.T, used @ used.T, atol=1e-9, rtol=0)
+    narrow = min(d_s, d_t)
+    assert fast_free.shape == (narrow, narrow - 12)
+    torch.testing.assert_close(fast_free.T @ fast_free, torch.eye(narrow - 12, dtype=m.dtype),
+                               atol=1e-12, rtol=0)
+    assert float((fast_free.T @ fast_used).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("d_s,d_t", [(40, 64), (64, 40)])
+def test_few_rows_give_the_same_completed_map_through_the_range(d_s, d_t):
+    g = torch.Generator().manual_seed(32)
+    a = torch.randn(9, d_s, generator=g, dtype=torch.float64)
+    b = torch.randn(9, d_t, generator=g, dtype=torch.float64)
+    stats = _stats(a, b)
+    kw = {"completion": "crop", "solver": "svd"}
+    full = procrustes_map(stats, **kw)
+    fast = procrustes_map(stats, rank_bound=stats.n_rows, **kw)
+    assert fast.rank == full.rank == 9 and fast.completed == full.completed
+    torch.testing.assert_close(fast.map, full.map, atol=1e-9, rtol=0)
+    assert fast.residual == pytest.approx(full.residual, abs=1e-9)
+    # a bound near the width is not worth the range: the full solver answers, bit for bit
+    near = procrustes_map(stats, rank_bound=min(d_s, d_t) - 4, **kw)
+    assert torch.equal(near.map, full.map)
+
+
+def test_range_solver_on_statistics_that_determine_nothing():
+    from warmstart.engine.procrustes import _polar
+
+    factor, rank, free, used = _polar(torch.zeros(30, 50, dtype=torch.float64), 1e-6, "svd",
+                                      rank_bound=3)
+    assert rank == 0 and used.shape == (30, 0) and free.shape == (30, 30)
+    assert not factor.any()
+
+
 @pytest.mark.parametrize("noise", [1e-12, 1e-5, 3e-3, 1e-2])
 def test_polishing_returns_the_polar_factor_of_nearly_orthonormal_rows(noise):
     from warmstart.engine.procrustes import _orthonormalize

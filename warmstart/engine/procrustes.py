@@ -178,16 +178,54 @@ def resolve_solver(solver: Solver, device: torch.device) -> str:
 EIGH_MIN_RTOL = 1e-7
 
 
-def _polar(matrix: Tensor, rank_rtol: float, solver: Solver
+def _polar(matrix: Tensor, rank_rtol: float, solver: Solver, rank_bound: int | None = None
            ) -> tuple[Tensor, int, Tensor, Tensor]:
     """Polar factor, rank, and orthonormal bases (columns) of the undetermined and of the kept
-    directions on the narrow side (in R^rows when rows <= columns, else in R^columns)."""
+    directions on the narrow side (in R^rows when rows <= columns, else in R^columns).
+
+    ``rank_bound``: a known upper bound on the rank (the number of rows behind the statistics);
+    well below the narrow width, the factor is computed in the matrix's range (see
+    :func:`_polar_in_range`)."""
     m = matrix.double()
+    probes = None if rank_bound is None else rank_bound + RANGE_OVERSAMPLING
+    if probes is not None and probes <= LOW_RANK_FRACTION * min(m.shape):
+        return _polar_in_range(m, rank_rtol, solver, probes)
     if resolve_solver(solver, m.device) == "eigh" and rank_rtol >= EIGH_MIN_RTOL:
         result = _polar_eigh(m, rank_rtol)
         if result is not None:
             return result
     return _polar_svd(m, rank_rtol)
+
+
+# The range-based path runs when the rank bound plus this many extra probes is at most this
+# fraction of the narrow width (below it, the probes and the complement cost more than they save).
+RANGE_OVERSAMPLING = 8
+LOW_RANK_FRACTION = 0.75
+
+
+def _polar_in_range(m: Tensor, rank_rtol: float, solver: Solver, probes: int
+                    ) -> tuple[Tensor, int, Tensor, Tensor]:
+    """The polar factor of a matrix whose rank is below ``probes``, from its range.
+
+    A matrix ``C`` [d_n, d_w] of rank ``r < probes`` has the range of ``C Omega`` for a Gaussian
+    ``Omega`` [d_w, probes] (with probability one), so with the orthonormal basis ``Q`` of that
+    range, ``C = Q (Q^T C)`` and the polar factor of ``C`` is ``Q`` times that of the small
+    ``Q^T C`` [probes, d_w]. Its singular values, and so its rank test, are ``C``'s. The
+    undetermined directions are the orthogonal complement of the kept ones. ``Omega`` is drawn
+    from a fixed seed, so a transport stays reproducible. Statistics summed from float32 products
+    are not exactly of rank ``r``: their rounding adds directions at about 1e-7 of the largest
+    singular value, which this path leaves undetermined and the full solvers may keep.
+    """
+    if m.shape[0] > m.shape[1]:
+        factor, rank, free, used = _polar_in_range(m.T, rank_rtol, solver, probes)
+        return factor.T, rank, free, used
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(m.shape[1], probes, generator=gen, dtype=m.dtype).to(m.device)
+    basis, _ = torch.linalg.qr(m @ omega)  # [d_n, probes]
+    factor, rank, _, used = _polar(basis.T @ m, rank_rtol, solver)
+    used = basis @ used  # [d_n, rank]
+    full, _ = torch.linalg.qr(used, mode="complete")
+    return basis @ factor, rank, full[:, rank:], used
 
 
 def _polar_svd(m: Tensor, rank_rtol: float) -> tuple[Tensor, int, Tensor, Tensor]:
@@ -280,6 +318,7 @@ def procrustes_map(
     rank_rtol: float = 1e-6,
     eig_floor: float = 1e-6,
     solver: Solver = "auto",
+    rank_bound: int | None = None,
 ) -> ProcrustesMap:
     """Map from statistics. Default (the method's): uncentred, no whitening, no completion.
 
@@ -292,6 +331,10 @@ def procrustes_map(
       (a polar factor is unique) and semi-orthogonal overall.
     - ``solver``: ``svd``, ``eigh`` or ``auto`` (``eigh`` on CUDA, ``svd`` elsewhere); see the
       module's docstring.
+    - ``rank_bound``: an upper bound on the cross moment's rank, e.g. ``stats.n_rows`` when the
+      statistics were summed from that many paired rows (centring and whitening keep the bound).
+      Well below the narrow width, the polar factor is computed in the cross moment's range
+      (:func:`_polar_in_range`): far cheaper for wide spaces seen through few rows.
     """
     if not 0.0 <= whiten <= 0.5 or math.isnan(whiten):
         raise ValueError(f"whiten must be a power in [0, 0.5], got {whiten!r}.")
@@ -320,7 +363,7 @@ def procrustes_map(
     if whiten > 0:
         cross = (_inverse_root(gram_s, whiten, eig_floor) @ cross
                  @ _inverse_root(gram_t, whiten, eig_floor))
-    transport, rank, free, used = _polar(cross, rank_rtol, solver)
+    transport, rank, free, used = _polar(cross, rank_rtol, solver, rank_bound)
     completed = 0
     if completion == "crop" and rank < min(cross.shape):
         transport, completed = _complete(transport, free, used, rank_rtol)

@@ -171,9 +171,10 @@ def compute_maps(source, target, layout_s: ModelLayout, layout_t: ModelLayout,
     t0 = time.perf_counter()
     maps = head_maps(stats, layout_s, layout_t, matching, opts)  # attention heads
     for key in list(stats):  # each space's statistics are freed once its map exists
-        maps[key] = procrustes_map(stats.pop(key), center=opts.center, whiten=opts.whiten,
+        space = stats.pop(key)  # summed from n_rows paired rows: its rank is at most that
+        maps[key] = procrustes_map(space, center=opts.center, whiten=opts.whiten,
                                    completion=opts.completion, rank_rtol=opts.rank_rtol,
-                                   solver=opts.solver)
+                                   solver=opts.solver, rank_bound=space.n_rows)
     timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - t0
     return maps, extra_stats
 
