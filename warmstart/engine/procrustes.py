@@ -198,7 +198,7 @@ def _polar(matrix: Tensor, rank_rtol: float, solver: Solver, rank_bound: int | N
 
 
 # The range-based path runs when the rank bound plus this many extra probes is at most this
-# fraction of the narrow width (below it, the probes and the complement cost more than they save).
+# fraction of the narrow width (above it, the probes and the complement cost more than they save).
 RANGE_OVERSAMPLING = 8
 LOW_RANK_FRACTION = 0.75
 
