@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -45,10 +45,12 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def run_batch(model: nn.Module, inputs: Any, side: str, index: int) -> None:
-    """Run one calibration batch; a model that rejects it gets an error naming batch and model."""
+def run_batch(model: nn.Module, inputs: Any, side: str, index: int,
+              call: Callable[[nn.Module, Any], Any] = call_model) -> None:
+    """Run one calibration batch (by ``call(model, inputs)``); a model that rejects it gets an
+    error naming batch and model."""
     try:
-        call_model(model, inputs)
+        call(model, inputs)
     except torch.cuda.OutOfMemoryError:
         raise
     except (TypeError, RuntimeError) as err:

@@ -70,6 +70,9 @@ class _Plan:
 
 def _plan(source: nn.Module, adapter: Any, target_view: nn.Module, options: TransportOptions,
           adapter_name: str | None, device: torch.device) -> _Plan:
+    if options.head_fit:
+        raise ValueError("head_fit refits the head to a finetuned source given as weights; a "
+                         "LoRA adapter is moved as its factors, without it. Set head_fit=0.")
     lora = read_adapter(adapter, source, adapter_name)
     layout_s = describe_model(source, options.source_family)
     layout_t = describe_model(target_view, options.target_family)

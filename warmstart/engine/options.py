@@ -69,6 +69,11 @@ class TransportOptions:
         depth_mapping: source block index for every target block (default: relative depth).
         bn_recalibration: after the update, re-estimate BatchNorm running statistics from this
             many calibration batches (0: off).
+        head_fit: after the update (and the BatchNorm recalibration), refit the target's output
+            layer to the finetuned source's outputs on this many calibration batches, by ridge
+            regression on the layer's inputs: no labels, no gradient steps (0: off, the head is
+            moved like every other parameter).
+        head_fit_ridge: the ridge of ``head_fit``, relative to the mean squared feature (> 0).
         token_pairing: how text token rows of the two models pair: ``one_to_one`` (both
             tokenizers split identically), ``offsets`` (each target token with the mean of the
             source tokens covering its characters; needs fast tokenizers' ``offset_mapping``),
@@ -97,6 +102,8 @@ class TransportOptions:
     block_group: int | None = None
     depth_mapping: tuple[int, ...] | dict[int, int] | None = None
     bn_recalibration: int = 0
+    head_fit: int = 0
+    head_fit_ridge: float = 0.3
     token_pairing: TokenPairing = "auto"
     strict: bool = True
     source_family: str | None = None
@@ -133,6 +140,12 @@ class TransportOptions:
         if not _is_count(self.bn_recalibration, 0):
             raise ValueError(f"bn_recalibration must be a number of batches >= 0, got "
                              f"{self.bn_recalibration!r}.")
+        if not _is_count(self.head_fit, 0):
+            raise ValueError(f"head_fit must be a number of batches >= 0, got {self.head_fit!r}.")
+        if (not _is_number(self.head_fit_ridge) or not math.isfinite(self.head_fit_ridge)
+                or self.head_fit_ridge <= 0):
+            raise ValueError(f"head_fit_ridge must be a finite number > 0, got "
+                             f"{self.head_fit_ridge!r}.")
         if self.block_group is not None and not _is_count(self.block_group, 1):
             raise ValueError(f"block_group must be None (one pass) or a number of blocks >= 1, "
                              f"got {self.block_group!r}.")

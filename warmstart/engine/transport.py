@@ -19,6 +19,7 @@ from .alpha import select_alpha
 from .apply import _recalibration, _restored_on_error, apply_update
 from .checks import _checked_finetuned, check_calibration, check_models
 from .families import describe_model
+from .head_fit import head_fit_step
 from .lora import is_adapter
 from .matching import match
 from .options import TransportOptions
@@ -89,8 +90,16 @@ def transport(
     options = options.replace(solver=resolve_solver(options.solver, model_device(target)))
     update, timings = compute_update(source_pretrained, finetuned, target, layout_s, layout_t,
                                      matching, calibration, target_calibration, options, progress)
-    finish = _recalibration(target, layout_t, calibration, target_calibration,
-                            options.bn_recalibration)
+    recalibrate = _recalibration(target, layout_t, calibration, target_calibration,
+                                 options.bn_recalibration)
+    fit_head = head_fit_step(source_pretrained, finetuned, target, layout_s, layout_t,
+                             calibration, target_calibration, options.head_fit,
+                             options.head_fit_ridge)
+
+    def finish() -> None:  # after each write: BatchNorm statistics first, then the head
+        recalibrate()
+        fit_head()
+
     alpha, scores = options.alpha, ()
     if alpha == "auto":
         alpha, scores = select_alpha(target, update, evaluate, options.alpha_grid, finish)

@@ -253,7 +253,8 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
     source = build_source(plan.source_pretrained, network, plan.source_model_kwargs)
     home = next((p.device for p in source.parameters()), torch.device("cpu"))
     target_in = source_in = None
-    if plan.options.method != "slice" or plan.options.bn_recalibration > 0:
+    if (plan.options.method != "slice" or plan.options.bn_recalibration > 0
+            or plan.options.head_fit > 0):
         with isolate_rng():  # the training run's data order stays what it would have been
             batches = (trainer.strategy.batch_to_device(b) for b in calibration_loader(trainer))
             target_in, source_in = take_inputs(batches, plan.calibration_batches, network,

@@ -1,0 +1,154 @@
+"""``head_fit``: the target's output layer refitted to the finetuned source's outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from warmstart.engine.head_fit import ridge_fit
+from warmstart.engine.transport import transport
+
+from .test_transport import TinyCNN, TinyMLP, _calibration, _perturbed, _snapshot, _unchanged
+
+
+def test_ridge_fit_solves_its_normal_equations():
+    """The stationarity conditions of ``||F W^T + b - Z||^2 + lam ||W||^2``: the residual sums to
+    zero (``b`` is not penalised) and ``F^T R + lam W^T = 0``; a vanishing ridge gives the least
+    squares solution."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(50, 7, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 7)
+    z = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    for ridge in (0.3, 2.0):
+        w, b = ridge_fit(f, z, ridge)
+        lam = ridge * float((f * f).sum(0).mean())
+        residual = f @ w.T + b - z
+        torch.testing.assert_close(residual.sum(0), torch.zeros(4, dtype=f.dtype), atol=1e-10,
+                                   rtol=0)
+        torch.testing.assert_close(f.T @ residual + lam * w.T, torch.zeros(7, 4, dtype=f.dtype),
+                                   atol=1e-9, rtol=0)
+    w, b = ridge_fit(f, z, 1e-12)
+    x = torch.cat([f, torch.ones(50, 1, dtype=f.dtype)], 1)
+    expected = torch.linalg.lstsq(x, z).solution.T
+    torch.testing.assert_close(torch.cat([w, b[:, None]], 1), expected, atol=1e-8, rtol=0)
+    w_only, none = ridge_fit(f, z, 1e-12, bias=False)
+    assert none is None
+    torch.testing.assert_close(w_only, torch.linalg.lstsq(f, z).solution.T, atol=1e-8, rtol=0)
+
+
+def test_head_fit_recovers_the_finetuned_head_on_its_own_features():
+    """Source and target identical: the body receives the task vector itself, so the target's
+    features are the finetuned source's, and the fit (almost no ridge) finds the finetuned head."""
+    source = TinyMLP()
+    finetuned = _perturbed(source, scale=0.2)
+    target = copy.deepcopy(source)
+    source_before = _snapshot(source)
+    transport(source, finetuned, target, _calibration(), head_fit=2, head_fit_ridge=1e-10,
+              progress=False)
+    torch.testing.assert_close(target.head.weight, finetuned.head.weight, atol=1e-4, rtol=0)
+    torch.testing.assert_close(target.head.bias, finetuned.head.bias, atol=1e-4, rtol=0)
+    assert _unchanged(source, source_before)  # run with the finetuned tensors, not changed
+
+
+def test_head_fit_brings_a_wider_target_closer_to_the_source_outputs():
+    """Across widths the refitted head reproduces the finetuned source's outputs on the
+    calibration batches better than the moved head does, and only the output layer differs."""
+    torch.manual_seed(0)
+    source, target = TinyMLP(hidden=16, d_out=6), TinyMLP(hidden=24, d_out=9)
+    finetuned = _perturbed(source, scale=0.3)
+    calibration = _calibration(4)
+    moved, refit = copy.deepcopy(target), copy.deepcopy(target)
+    transport(source, finetuned, moved, calibration, alpha=2.0, progress=False)
+    report = transport(source, finetuned, refit, calibration, alpha=2.0, head_fit=4,
+                       progress=False)
+    assert report.options["head_fit"] == 4 and report.options["head_fit_ridge"] == 0.3
+    x = torch.cat(calibration)
+    with torch.no_grad():
+        wanted = finetuned(x)
+        error_moved = float((moved(x) - wanted).square().mean())
+        error_refit = float((refit(x) - wanted).square().mean())
+    assert error_refit < 0.5 * error_moved
+    for name, value in refit.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, moved.state_dict()[name]), name
+
+
+def test_head_fit_reads_the_features_after_batchnorm_recalibration():
+    """With ``bn_recalibration`` the head is fitted to the features of the recalibrated network,
+    in eval mode: the refit is exactly the ridge solution on those features."""
+    torch.manual_seed(0)
+    source, target = TinyCNN(8), TinyCNN(12)
+    finetuned = _perturbed(source, scale=0.2)
+    images = [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+              for i in range(3)]
+    transport(source, finetuned, target, images, bn_recalibration=3, head_fit=3,
+              progress=False)
+    assert target.training  # the flags are put back
+    target.eval()
+    with torch.no_grad():
+        x = torch.cat(images)
+        features = torch.relu(target.bn(target.conv(x))).mean((2, 3))
+        w, b = ridge_fit(features, finetuned.eval()(x), 0.3)
+    torch.testing.assert_close(target.head.weight, w.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(target.head.bias, b.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_head_fit_under_alpha_auto_fits_each_trial():
+    """``alpha="auto"`` scores every strength with its own refitted head and keeps the best."""
+    torch.manual_seed(0)
+    source, target = TinyMLP(hidden=16), TinyMLP(hidden=24)
+    finetuned = _perturbed(source, scale=0.3)
+    calibration = _calibration(3)
+    x = torch.cat(calibration)
+    wanted = finetuned(x).detach()
+
+    def loss(model):
+        with torch.no_grad():
+            return float((model(x) - wanted).square().mean())
+
+    auto = copy.deepcopy(target)
+    report = transport(source, finetuned, auto, calibration, alpha="auto", alpha_grid=(0.5, 2.0),
+                       evaluate=loss, head_fit=3, progress=False)
+    fixed = copy.deepcopy(target)
+    transport(source, finetuned, fixed, calibration, alpha=report.alpha, head_fit=3,
+              progress=False)
+    assert dict(report.alpha_scores)[report.alpha] == pytest.approx(loss(fixed), rel=1e-6)
+    for name, value in auto.state_dict().items():
+        torch.testing.assert_close(value, fixed.state_dict()[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(head_fit=-1), r"head_fit must be a number of batches >= 0, got -1"),
+    (dict(head_fit=1.5), r"head_fit must be a number of batches >= 0, got 1.5"),
+    (dict(head_fit=1, head_fit_ridge=0.0), r"head_fit_ridge must be a finite number > 0"),
+    (dict(head_fit=1, head_fit_ridge=float("nan")), r"head_fit_ridge must be a finite number"),
+], ids=["negative", "fraction", "zero-ridge", "nan-ridge"])
+def test_bad_head_fit_options_are_refused(options, match):
+    source, target = TinyMLP(), TinyMLP()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        transport(source, _perturbed(source), target, _calibration(1), progress=False, **options)
+    assert _unchanged(target, before)
+
+
+def test_head_fit_errors_leave_the_target_untouched():
+    source, target = TinyCNN(), TinyCNN()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"head_fit needs calibration inputs"):
+        transport(source, _perturbed(source), target, None, method="slice", head_fit=1,
+                  progress=False)
+    # the source's outputs are read before anything is written ...
+    with pytest.raises(ValueError, match=r"calibration batch 0 does not fit the source model"):
+        transport(source, _perturbed(source), target, [torch.randn(4, 5, 8, 8)],
+                  method="slice", head_fit=1, progress=False)
+    # ... the target's features after the write, which a failure there undoes
+    good = [torch.randn(4, 3, 8, 8)]
+    bad_target = [torch.randn(4, 5, 8, 8)]
+    with pytest.raises(ValueError, match=r"calibration batch 0 does not fit the target model"):
+        transport(source, _perturbed(source), target, good, target_calibration=bad_target,
+                  method="slice", head_fit=1, progress=False)
+    generator = (torch.randn(8, 3, 8, 8) for _ in range(2))  # used up by the statistics
+    with pytest.raises(ValueError, match="head_fit got no batches: .* not a generator"):
+        transport(source, _perturbed(source), target, generator, head_fit=1, progress=False)
+    assert _unchanged(target, before)
