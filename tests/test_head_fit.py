@@ -152,3 +152,31 @@ def test_head_fit_errors_leave_the_target_untouched():
     with pytest.raises(ValueError, match="head_fit got no batches: .* not a generator"):
         transport(source, _perturbed(source), target, generator, head_fit=1, progress=False)
     assert _unchanged(target, before)
+
+
+def test_head_fit_on_hugging_face_classifiers_refits_only_the_output_layer():
+    """BERT -> MPNet sequence classifiers fed keyword batches: MPNet's two-layer head keeps its
+    moved ``dense`` layer, and ``out_proj`` becomes the ridge fit of BERT's finetuned logits
+    (``.logits`` of its output) on ``out_proj``'s inputs."""
+    from .test_hf_heads import _bert, _calibration as _text, _finetuned, _mpnet
+
+    source, target = _bert(), _mpnet()
+    finetuned = _finetuned(source)
+    batches = _text(3)
+    moved, refit = copy.deepcopy(target), copy.deepcopy(target)
+    transport(source, finetuned, moved, batches, progress=False)
+    transport(source, finetuned, refit, batches, head_fit=3, progress=False)
+    for name, value in refit.state_dict().items():
+        if not name.startswith("classifier.out_proj."):
+            assert torch.equal(value, moved.state_dict()[name]), name
+    features = []
+    hook = refit.classifier.out_proj.register_forward_hook(
+        lambda m, i, o: features.append(i[0]))
+    with torch.no_grad():
+        logits = torch.cat([finetuned(**b).logits for b in batches])
+        for b in batches:
+            refit(**b)
+    hook.remove()
+    w, b = ridge_fit(torch.cat(features), logits, 0.3)
+    torch.testing.assert_close(refit.classifier.out_proj.weight, w.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(refit.classifier.out_proj.bias, b.float(), atol=1e-5, rtol=1e-4)
