@@ -180,3 +180,22 @@ def test_head_fit_on_hugging_face_classifiers_refits_only_the_output_layer():
     w, b = ridge_fit(torch.cat(features), logits, 0.3)
     torch.testing.assert_close(refit.classifier.out_proj.weight, w.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(refit.classifier.out_proj.bias, b.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_head_fit_without_a_task_head_names_the_problem():
+    """A backbone without a classifier (timm ``num_classes=0``) has no output layer to refit."""
+    import timm
+
+    def vit(width, depth, seed):
+        torch.manual_seed(seed)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                 patch_size=8, embed_dim=width, depth=depth,
+                                 num_heads=width // 16, num_classes=0).eval()
+
+    source, target = vit(32, 2, 0), vit(48, 2, 1)
+    before = _snapshot(target)
+    images = [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(ValueError, match=r"head_fit needs a task head that ends in one "
+                                         r"nn.Linear; the source .* has head weights none"):
+        transport(source, _perturbed(source, 0.01), target, images, head_fit=1, progress=False)
+    assert _unchanged(target, before)
