@@ -176,15 +176,27 @@ def check_loads(size: dict, weights: Path) -> None:
         raise RuntimeError(f"{weights} did not load into the ViT: {wrong[:5]} differ")
 
 
-def parse_recipe(text: str) -> dict[str, int]:
-    """``"ramp_steps=10,hold_steps=5"`` -> the callback's recipe keywords."""
+RECIPE_KEYS = {"ramp_steps": int, "hold_steps": int, "head_fit": int, "head_fit_ridge": float}
+
+
+def parse_recipe(text: str) -> dict[str, int | float]:
+    """``"ramp_steps=10,hold_steps=5"`` -> the callback's recipe keywords (and the transport's
+    ``head_fit`` options)."""
     recipe = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("ramp_steps", "hold_steps") or not value.isdigit():
-            raise SystemExit(f"--recipes: {item!r} is not ramp_steps=N or hold_steps=N")
-        recipe[key] = int(value)
+        try:
+            recipe[key] = RECIPE_KEYS[key](value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--recipes: {item!r} is not one of "
+                             f"{', '.join(f'{k}=N' for k in RECIPE_KEYS)}") from None
     return recipe
+
+
+def _recipe_label(text: str) -> str:
+    """``"ramp_steps=10,hold_steps=5"`` -> ``"ramp10+hold5"``."""
+    return "+".join(k.replace("_steps", "") + v
+                    for k, _, v in (item.partition("=") for item in text.split(",")))
 
 
 def _label(alpha: float | str) -> str:
@@ -196,7 +208,7 @@ def arm_variants(alphas: list[float | str], recipes: list[str] = ()
     """(label, compare arm, transport overrides) of every arm, cold first (the reference);
     each recipe adds a theseus arm at the first alpha with those callback options."""
     theseus = [(_label(a), "theseus", {"alpha": a}) for a in alphas]
-    theseus += [(f"{_label(alphas[0])}+{r.replace('_steps=', '').replace(',', '+')}", "theseus",
+    theseus += [(f"{_label(alphas[0])}+{_recipe_label(r)}", "theseus",
                  {"alpha": alphas[0], **parse_recipe(r)}) for r in recipes]
     return [("cold", "cold", {}), *theseus, ("slice", "slice", {"alpha": 1.0}),
             ("head_only", "head_only", {"alpha": 1.0})]
@@ -305,6 +317,9 @@ def main() -> None:
     parser.add_argument("--lrs", nargs="*", type=float, default=[],
                         help="a learning-rate grid run by every arm; each arm is reported at "
                         "its best rate by mean AUC (default: the fine-tuning rate alone)")
+    parser.add_argument("--arms", nargs="*", default=[],
+                        help="run only these arm labels (e.g. theseus_a2+head_fit3); cold, the "
+                        "reference, always runs (default: every arm)")
     parser.add_argument("--out", default="bench/results/vit_offline.json")
     args = parser.parse_args()
     alphas, probe_alphas = ([a if a == "auto" else float(a) for a in values]
@@ -363,6 +378,12 @@ def main() -> None:
 
     arms_started = time.perf_counter()
     variants = arm_variants(alphas, args.recipes)
+    if args.arms:
+        unknown = set(args.arms) - {label for label, _, _ in variants}
+        if unknown:
+            raise SystemExit(f"--arms: no arm {sorted(unknown)}; the arms are "
+                             f"{[label for label, _, _ in variants]}")
+        variants = [v for v in variants if v[0] == "cold" or v[0] in args.arms]
     best_rate = auc_by_rate = None
     if args.lrs:
         per_rate = {lr: run_arms(config, variants, source_ckpt, console, lr) for lr in args.lrs}
@@ -381,7 +402,7 @@ def main() -> None:
                            overwrite=True, console=console, reference_arm="cold")
     summary_json = summary.to_dict()
     cold_final = summary_json["arms"]["cold"]["final"]["mean"]
-    head0 = summary_json["arms"]["head_only"]["step0"]["mean"]
+    head0 = summary_json["arms"].get("head_only", {}).get("step0", {}).get("mean")
     arms = {}
     for label, arm in summary_json["arms"].items():
         runs = [transports.get((label, s)) for s in arm["seeds"]]
@@ -395,7 +416,7 @@ def main() -> None:
             arms[label]["lr"] = best_rate[label]
             arms[label]["auc_by_lr"] = auc_by_rate[label]
     for label, entry in [*arms.items(), *probes.items()]:
-        if label.startswith("theseus") and cold_final != head0:
+        if label.startswith("theseus") and head0 is not None and cold_final != head0:
             # DESIGN.md section 7, with cold's final accuracy standing in for the fine-tuned target
             entry["gap_recovered"] = (entry["step0"]["mean"] - head0) / (cold_final - head0)
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from warmstart.engine.head_fit import ridge_fit
+from warmstart.engine.options import TransportOptions
 from warmstart.engine.transport import transport
 
 from .test_transport import TinyCNN, TinyMLP, _calibration, _perturbed, _snapshot, _unchanged
+
+DEFAULT_RIDGE = TransportOptions().head_fit_ridge
 
 
 def test_ridge_fit_solves_its_normal_equations():
@@ -62,7 +65,7 @@ def test_head_fit_brings_a_wider_target_closer_to_the_source_outputs():
     transport(source, finetuned, moved, calibration, alpha=2.0, progress=False)
     report = transport(source, finetuned, refit, calibration, alpha=2.0, head_fit=4,
                        progress=False)
-    assert report.options["head_fit"] == 4 and report.options["head_fit_ridge"] == 0.3
+    assert report.options["head_fit"] == 4 and report.options["head_fit_ridge"] == DEFAULT_RIDGE
     x = torch.cat(calibration)
     with torch.no_grad():
         wanted = finetuned(x)
@@ -89,7 +92,7 @@ def test_head_fit_reads_the_features_after_batchnorm_recalibration():
     with torch.no_grad():
         x = torch.cat(images)
         features = torch.relu(target.bn(target.conv(x))).mean((2, 3))
-        w, b = ridge_fit(features, finetuned.eval()(x), 0.3)
+        w, b = ridge_fit(features, finetuned.eval()(x), DEFAULT_RIDGE)
     torch.testing.assert_close(target.head.weight, w.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(target.head.bias, b.float(), atol=1e-5, rtol=1e-4)
 
@@ -177,7 +180,7 @@ def test_head_fit_on_hugging_face_classifiers_refits_only_the_output_layer():
         for b in batches:
             refit(**b)
     hook.remove()
-    w, b = ridge_fit(torch.cat(features), logits, 0.3)
+    w, b = ridge_fit(torch.cat(features), logits, DEFAULT_RIDGE)
     torch.testing.assert_close(refit.classifier.out_proj.weight, w.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(refit.classifier.out_proj.bias, b.float(), atol=1e-5, rtol=1e-4)
 
