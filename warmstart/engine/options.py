@@ -74,9 +74,9 @@ class TransportOptions:
             regression on the layer's inputs: no labels, no gradient steps (0: off, the head is
             moved like every other parameter).
         head_fit_ridge: the ridge of ``head_fit``, relative to the mean squared feature (> 0).
-            Smaller values fit the source's outputs more closely (higher accuracy right after
-            the transport) but give a larger head that fine-tuning moves away from more slowly;
-            the default is the value with the fastest fine-tuning measured on the demo pair.
+            Larger values give a smaller head: lower accuracy right after the transport; the
+            default is about the best accuracy measured on the demo pair
+            (``bench/head_fit_step0.py``).
         token_pairing: how text token rows of the two models pair: ``one_to_one`` (both
             tokenizers split identically), ``offsets`` (each target token with the mean of the
             source tokens covering its characters; needs fast tokenizers' ``offset_mapping``),
@@ -106,7 +106,7 @@ class TransportOptions:
     depth_mapping: tuple[int, ...] | dict[int, int] | None = None
     bn_recalibration: int = 0
     head_fit: int = 0
-    head_fit_ridge: float = 30.0
+    head_fit_ridge: float = 1.0
     token_pairing: TokenPairing = "auto"
     strict: bool = True
     source_family: str | None = None
