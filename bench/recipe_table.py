@@ -67,12 +67,14 @@ def main() -> None:
     parser.add_argument("--reference", required=True, help="the label the thresholds come from")
     parser.add_argument("--metric", default="val_acc")
     parser.add_argument("--title", default="")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None,
+                        help="only these seeds (default: every seed found in the folders)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     curves, sources = {}, {}
     for spec in args.arm:
         label, found = arm_curves(spec)
-        curves.update(found)
+        curves.update({k: v for k, v in found.items() if args.seeds is None or k[1] in args.seeds})
         sources[label] = spec.partition("=")[2]
     runs = load_runs(curves)
     summary = summarize(runs, metric=args.metric, reference_arm=args.reference)
