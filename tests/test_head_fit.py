@@ -202,3 +202,26 @@ def test_head_fit_without_a_task_head_names_the_problem():
                                          r"nn.Linear; the source .* has head weights none"):
         transport(source, _perturbed(source, 0.01), target, images, head_fit=1, progress=False)
     assert _unchanged(target, before)
+
+
+def test_head_fit_through_the_callback_on_hugging_face_dict_batches(tmp_path):
+    """A user's module holding an ``AutoModelForSequenceClassification`` fed dict batches with
+    ``labels``: ``options={"head_fit": 3}`` refits the classifier at fit start and changes
+    nothing else against the same warm start without it."""
+    from warmstart import TaskVectorTransport
+
+    from .test_dropin import HFModule, _bert, _finetuned_source, _token_data, _trainer
+
+    source, checkpoint = _finetuned_source(tmp_path, HFModule, lambda: _bert(16), _token_data)
+    states = {}
+    for n_fit in (0, 3):
+        torch.manual_seed(1)
+        module = HFModule(_bert(24))
+        warm = TaskVectorTransport(source, checkpoint, target_attribute="model",
+                                   calibration_batches=3, progress=False,
+                                   options={"head_fit": n_fit})
+        _trainer(tmp_path / f"run{n_fit}", [warm], max_steps=0).fit(module, _token_data())
+        assert warm.report.options["head_fit"] == n_fit
+        states[n_fit] = module.state_dict()
+    changed = {k for k, v in states[3].items() if not torch.equal(v, states[0][k])}
+    assert changed == {"model.classifier.weight", "model.classifier.bias"}
