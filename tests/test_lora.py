@@ -513,6 +513,11 @@ def test_busy_out_dir_wrapped_source_and_auto_alpha_are_refused(tmp_path):
     with pytest.raises(ValueError, match="alpha='auto' needs a validation score"):
         transport_adapter(source, _lora(source), target, _texts(2), tmp_path / "x",
                           alpha="auto", progress=False)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match="head_fit refits the head to a finetuned source given as "
+                                         "weights; a LoRA adapter is moved as its factors"):
+        transport(source, _lora(source), target, _texts(2), head_fit=2, progress=False)
+    assert _unchanged(target, before)
 
 
 # ---------------------------------------------------------------------------------------------
