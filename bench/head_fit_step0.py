@@ -79,8 +79,9 @@ def main() -> None:
     for col in ("arm", "head_fit batches", "ridge", "accuracy", "head weight norm"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["arm"], str(r["head_fit"]), "-" if r["ridge"] is None else f"{r['ridge']:g}",
-                      f"{r['acc']:.3f}", f"{r['head_norm']:.2f}")
+        ridge = "-" if r["ridge"] is None else f"{r['ridge']:g}"
+        table.add_row(r["arm"], str(r["head_fit"]), ridge, f"{r['acc']:.3f}",
+                      f"{r['head_norm']:.2f}")
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

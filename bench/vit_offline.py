@@ -176,7 +176,8 @@ def check_loads(size: dict, weights: Path) -> None:
         raise RuntimeError(f"{weights} did not load into the ViT: {wrong[:5]} differ")
 
 
-RECIPE_KEYS = {"ramp_steps": int, "hold_steps": int, "head_fit": int, "head_fit_ridge": float}
+RECIPE_KEYS = {"ramp_steps": int, "hold_steps": int, "prime_steps": int, "head_fit": int,
+               "head_fit_ridge": float}
 
 
 def parse_recipe(text: str) -> dict[str, int | float]:

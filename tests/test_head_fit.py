@@ -161,7 +161,8 @@ def test_head_fit_on_hugging_face_classifiers_refits_only_the_output_layer():
     """BERT -> MPNet sequence classifiers fed keyword batches: MPNet's two-layer head keeps its
     moved ``dense`` layer, and ``out_proj`` becomes the ridge fit of BERT's finetuned logits
     (``.logits`` of its output) on ``out_proj``'s inputs."""
-    from .test_hf_heads import _bert, _calibration as _text, _finetuned, _mpnet
+    from .test_hf_heads import _bert, _finetuned, _mpnet
+    from .test_hf_heads import _calibration as _text
 
     source, target = _bert(), _mpnet()
     finetuned = _finetuned(source)

@@ -1,17 +1,23 @@
-"""The warm-start recipe of ``TaskVectorTransport``: ``hold_steps`` and ``ramp_steps`` inside real
-fits of a user's module (a timm ViT at ``self.net``, ``(x, y)`` batches)."""
+"""The warm-start recipe of ``TaskVectorTransport``: ``hold_steps``, ``ramp_steps`` and
+``prime_steps`` inside real fits of a user's module (a timm ViT at ``self.net``, ``(x, y)``
+batches)."""
 
 from __future__ import annotations
+
+import copy
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
 
 from warmstart import TaskVectorTransport
-from warmstart.lightning.recipe import WarmupRecipe
+from warmstart.lightning.recipe import WarmupRecipe, prime_optimizer
 
-from .test_dropin import TupleModule, _finetuned_source, _tensor_data, _trainer, _vit
+from .test_dropin import N_CLASSES, TupleModule, _finetuned_source, _tensor_data, _trainer, _vit
 
 
 class Record(L.Callback):
@@ -107,9 +113,126 @@ def test_a_resumed_fit_is_not_ramped_again(tmp_path, source):
     assert record.stepped_lr == pytest.approx([3e-3, 3e-3])  # the module's own rate
 
 
+class PrimeAtStart(L.Callback):
+    """Primes the optimizer at ``on_train_start`` and keeps what the test checks: the module's
+    state and the random state before, the same after, and the gradients the priming steps saw,
+    recomputed by hand on a copy of the network from the same random state."""
+
+    def __init__(self, loader, steps):
+        self.loader, self.steps = loader, steps
+
+    def on_train_start(self, trainer, pl_module):
+        self.before = copy.deepcopy(pl_module.state_dict())
+        rng = torch.get_rng_state()
+        copy_net = copy.deepcopy(pl_module.net).train()
+        self.used = prime_optimizer(trainer, pl_module, self.loader, self.steps)
+        self.rng_kept = torch.equal(torch.get_rng_state(), rng)
+        self.after = copy.deepcopy(pl_module.state_dict())
+        optimizer = trainer.optimizers[0]
+        self.state = {name: {k: v.clone() for k, v in optimizer.state[p].items()}
+                      for name, p in pl_module.net.named_parameters()}
+        self.betas = optimizer.param_groups[0]["betas"]
+        torch.set_rng_state(rng)  # the same dropout masks as the priming passes drew
+        self.grads = []
+        for (x, y), _ in zip(self.loader, range(self.steps)):
+            copy_net.zero_grad()
+            F.cross_entropy(copy_net(x), y).backward()
+            self.grads.append({n: p.grad.clone() for n, p in copy_net.named_parameters()})
+        torch.set_rng_state(rng)
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.Dropout(0.3),
+                         nn.GELU(), nn.Linear(16, N_CLASSES))
+
+
+def test_prime_optimizer_fills_adams_moments_and_moves_nothing(tmp_path):
+    torch.manual_seed(0)
+    data = _tensor_data((3, 4, 4))
+    prime = PrimeAtStart(DataLoader(data.dataset, batch_size=16), steps=3)
+    _trainer(tmp_path, [prime], max_steps=1).fit(TupleModule(_bn_net()), data)
+    assert prime.used == 3 and prime.rng_kept
+    for key, value in prime.before.items():  # weights and BatchNorm statistics as they were
+        assert torch.equal(prime.after[key], value), key
+    beta1, beta2 = prime.betas
+    for name, state in prime.state.items():
+        grads = [g[name] for g in prime.grads]
+        mean = sum((1 - beta1) * beta1 ** (2 - k) * g for k, g in enumerate(grads))
+        square = sum((1 - beta2) * beta2 ** (2 - k) * g * g for k, g in enumerate(grads))
+        assert float(state["step"]) == 3
+        torch.testing.assert_close(state["exp_avg"], mean, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(state["exp_avg_sq"], square, rtol=1e-4, atol=1e-12)
+
+
+class FirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.x = batch[0].clone()
+
+
+def test_prime_steps_through_the_callback_keep_the_start_and_the_data_order(tmp_path, source):
+    net, checkpoint = source
+    runs = {}
+    for prime_steps in (0, 2):
+        torch.manual_seed(1)
+        warm = TaskVectorTransport(net, checkpoint, calibration_batches=2, progress=False,
+                                   prime_steps=prime_steps)
+        record, first = Record(), FirstBatch()
+        shuffled = DataLoader(_tensor_data((3, 16, 16)).dataset, batch_size=16, shuffle=True)
+        trainer = _trainer(tmp_path / str(prime_steps), [warm, record, first], max_steps=1)
+        trainer.fit(TupleModule(_vit(24, 3)), shuffled, _tensor_data((3, 16, 16)))
+        optimizer = trainer.optimizers[0]
+        steps = {float(optimizer.state[p]["step"]) for p in trainer.lightning_module.parameters()}
+        runs[prime_steps] = (record, first.x, steps)
+    (plain, x_plain, steps_plain), (primed, x_primed, steps_primed) = runs[0], runs[2]
+    assert steps_plain == {1.0} and steps_primed == {3.0}
+    assert torch.equal(x_plain, x_primed)  # the same first batch: the data order is unchanged
+    start, after_plain, after_primed = plain.weights[0], plain.weights[1], primed.weights[1]
+    assert all(torch.equal(primed.weights[0][k], v) for k, v in start.items())  # nothing moved
+    moved_plain = {k: float((after_plain[k] - start[k]).norm()) for k in start}
+    moved_primed = {k: float((after_primed[k] - start[k]).norm()) for k in start}
+    assert moved_plain != moved_primed  # the primed moments change the first update
+
+
+class Adadelta(TupleModule):
+    def configure_optimizers(self):
+        return torch.optim.Adadelta(self.parameters())
+
+
+class Manual(TupleModule):
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+        optimizer.step()
+
+
+@pytest.mark.parametrize(("module_cls", "message"), [
+    (Adadelta, "prime_steps supports torch.optim's Adam, .* uses Adadelta"),
+    (Manual, "manual optimization"),
+])
+def test_prime_steps_refuses_before_the_transport(tmp_path, source, module_cls, message):
+    net, checkpoint = source
+    torch.manual_seed(1)
+    module = module_cls(_vit(24, 3))
+    before = copy.deepcopy(module.state_dict())
+    warm = TaskVectorTransport(net, checkpoint, calibration_batches=2, progress=False,
+                               prime_steps=2)
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, [warm], max_steps=1).fit(module, _tensor_data((3, 16, 16)))
+    assert warm.report is None
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_recipe_counts_must_be_whole_numbers(bad):
     with pytest.raises(ValueError, match="hold_steps must be an integer >= 0"):
         WarmupRecipe(hold_steps=bad)
     with pytest.raises(ValueError, match="ramp_steps must be an integer >= 0"):
         WarmupRecipe(ramp_steps=bad)
+    with pytest.raises(ValueError, match="prime_steps must be an integer >= 0"):
+        WarmupRecipe(prime_steps=bad)

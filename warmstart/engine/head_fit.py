@@ -144,7 +144,7 @@ def _layer_inputs(target: nn.Module, layout: ModelLayout, layer: nn.Linear,
 
 def _write(layer: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
     new = [(layer.weight, weight)] + ([(layer.bias, bias)] if bias is not None else [])
-    for param, value in new:
+    for _, value in new:
         if not torch.isfinite(value).all():
             raise ValueError("head_fit gave a non-finite output layer; nothing was written. "
                              "Raise head_fit_ridge or check the calibration data.")

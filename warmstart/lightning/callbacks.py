@@ -20,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from ..engine.options import TransportOptions
-from .recipe import WarmupRecipe
+from .recipe import WarmupRecipe, check_primable, prime_optimizer
 from .sharding import ShardedTarget
 from .validation import check_validation, scalar_metrics, validate_now
-from .warm import WarmStart, find_target, run_transport
+from .warm import WarmStart, calibration_loader, find_target, run_transport
 
 
 def log_dir(trainer: L.Trainer) -> Path:
@@ -107,6 +107,9 @@ class TaskVectorTransport(Callback):
             (ramp_steps + 1)`` on top of the module's schedule (0: off).
         hold_steps: the recipe: for the first ``hold_steps`` steps after the transport only the
             task head trains (0: off).
+        prime_steps: the recipe: before the first step, the optimizer steps at learning rate 0
+            on this many training batches, so its moments start from the warm network's
+            gradients; weights, buffers and the data order are left as they were (0: off).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class TaskVectorTransport(Callback):
         progress: bool = True,
         ramp_steps: int = 0,
         hold_steps: int = 0,
+        prime_steps: int = 0,
         **option_values: Any,
     ) -> None:
         if mode not in ("min", "max"):
@@ -150,8 +154,9 @@ class TaskVectorTransport(Callback):
             dict(source_model_kwargs or {}))
         self.report_name = report_name
         self.progress = progress
-        self.recipe = WarmupRecipe(ramp_steps, hold_steps)
+        self.recipe = WarmupRecipe(ramp_steps, hold_steps, prime_steps)
         self._recipe_live = False  # the recipe applies only in the fit that transported
+        self._prime_pending = False
         self.applied = False
         self.applied_fingerprint: str | None = None
         self.report = None
@@ -170,12 +175,13 @@ class TaskVectorTransport(Callback):
         # resuming from a checkpoint restores the state after this, in load_state_dict.
         self.applied, self.applied_fingerprint, self.seconds = False, None, 0.0
         self.report = self.report_path = None
-        self._recipe_live = False
+        self._recipe_live = self._prime_pending = False
         # under FSDP: the target copied whole now, before the strategy shards it
         self._sharded = ShardedTarget.at_setup(trainer, pl_module, self.plan.target_attribute)
-        if self._sharded is not None and self.recipe.hold_steps:
-            raise ValueError("hold_steps is not supported on a sharded (FSDP) target; set "
-                             "hold_steps=0 (ramp_steps works under every strategy).")
+        for name in ("hold_steps", "prime_steps"):
+            if self._sharded is not None and getattr(self.recipe, name):
+                raise ValueError(f"{name} is not supported on a sharded (FSDP) target; set "
+                                 f"{name}=0 (ramp_steps works under every strategy).")
         find_target(pl_module, self.plan.target_attribute)
         if self.options.alpha == "auto":
             check_validation(trainer, "alpha='auto'")
@@ -187,6 +193,8 @@ class TaskVectorTransport(Callback):
                 rank_zero_warn("the checkpoint was warm-started with another transport "
                                "configuration; it is not transported again.")
             return
+        if self.recipe.prime_steps:  # refused before the transport's work, not after it
+            check_primable(trainer, pl_module)
         started = time.perf_counter()
         self.report = run_transport(trainer, pl_module, self.plan,
                                     progress=self.progress and trainer.is_global_zero,
@@ -198,6 +206,17 @@ class TaskVectorTransport(Callback):
             self.recipe.start(trainer.global_step,
                               find_target(pl_module, self.plan.target_attribute), self.report)
             self._recipe_live = True
+            self._prime_pending = self.recipe.prime_steps > 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._prime_pending:
+            return
+        self._prime_pending = False
+        wanted = self.recipe.prime_steps
+        used = prime_optimizer(trainer, pl_module, calibration_loader(trainer), wanted)
+        if used < wanted:
+            rank_zero_warn(f"prime_steps={wanted}, but the training data has {used} batches on "
+                           f"this rank; the optimizer was primed on {used}.")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer) -> None:

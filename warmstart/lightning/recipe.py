@@ -2,7 +2,7 @@
 
 A transported network starts near a solution, and the first steps of an optimizer with fresh
 moments (Adam's first update moves every weight by about the learning rate, whatever its
-gradient) can throw part of that start away. Two remedies, both off by default, both applied by
+gradient) can throw part of that start away. Three remedies, all off by default, all applied by
 :class:`~warmstart.TaskVectorTransport` only in the fit that ran the transport:
 
 - ``ramp_steps``: the learning rate of every parameter group is scaled by ``k / (ramp_steps + 1)``
@@ -10,15 +10,25 @@ gradient) can throw part of that start away. Two remedies, both off by default, 
   schedule, and restored after the step, so the schedule itself is left as it was;
 - ``hold_steps``: for that many steps only the task head trains (the other parameters' gradients
   are dropped before the step, so the optimizer neither moves them nor starts their moments);
-  the head, fitted to the moved body first, then trains with it.
+  the head, fitted to the moved body first, then trains with it;
+- ``prime_steps``: before the first step, the optimizer takes that many steps at learning rate 0
+  on training batches (this rank's first ``prime_steps`` batches, unshuffled), so its moments
+  (Adam's running means of the gradient and of its square, SGD's momentum) start from the warm
+  network's gradients instead of zero. The weights do not move; buffers such as BatchNorm's
+  running statistics and the random state are put back, so the fit's data order is unchanged.
+  The priming batches' losses are not logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from ..engine.head_hidden import HEAD_RULES
@@ -48,6 +58,7 @@ class WarmupRecipe:
 
     ramp_steps: int = 0
     hold_steps: int = 0
+    prime_steps: int = 0
     start_step: int = 0
     held: list[nn.Parameter] = field(default_factory=list)
     pending: list[Callable[..., None]] = field(default_factory=list)  # restores not yet run
@@ -55,10 +66,11 @@ class WarmupRecipe:
     def __post_init__(self) -> None:
         _count("ramp_steps", self.ramp_steps)
         _count("hold_steps", self.hold_steps)
+        _count("prime_steps", self.prime_steps)
 
     @property
     def active(self) -> bool:
-        return self.ramp_steps > 0 or self.hold_steps > 0
+        return self.ramp_steps > 0 or self.hold_steps > 0 or self.prime_steps > 0
 
     def start(self, global_step: int, target: nn.Module, report: TransportReport) -> None:
         """Called right after the transport: steps count from here."""
@@ -97,3 +109,79 @@ class WarmupRecipe:
 
         handle = optimizer.register_step_post_hook(restore)
         self.pending.append(restore)
+
+
+# optimizers whose step at learning rate 0 leaves every weight exactly where it was
+PRIMABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+            torch.optim.Adamax, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad)
+
+
+def check_primable(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.optim.Optimizer:
+    """The one optimizer ``prime_steps`` can prime, or ``ValueError`` naming the fix."""
+    if not pl_module.automatic_optimization:
+        raise ValueError("prime_steps steps the optimizer itself, which a module with manual "
+                         "optimization drives on its own; set prime_steps=0.")
+    if len(trainer.optimizers) != 1:
+        raise ValueError(f"prime_steps needs exactly one optimizer, the module configured "
+                         f"{len(trainer.optimizers)}; set prime_steps=0.")
+    if "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+        raise ValueError("prime_steps cannot prime under precision='16-mixed' (its gradient "
+                         "scaler would scale the primed moments); use 'bf16-mixed' or 32, or set "
+                         "prime_steps=0.")
+    optimizer = trainer.optimizers[0]
+    if not isinstance(optimizer, PRIMABLE):
+        names = ", ".join(c.__name__ for c in PRIMABLE)
+        raise ValueError(f"prime_steps supports torch.optim's {names}, whose step at learning "
+                         f"rate 0 moves no weight; the module uses {type(optimizer).__name__}. "
+                         "Set prime_steps=0.")
+    return optimizer
+
+
+@contextmanager
+def _not_logging(pl_module: L.LightningModule) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside (the priming losses are not part of
+    the run's metrics, and Lightning refuses step logging outside the training loop)."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+def prime_optimizer(trainer: L.Trainer, pl_module: L.LightningModule, batches,
+                    steps: int) -> int:
+    """Take ``steps`` optimizer steps at learning rate 0 on ``batches`` through the module's own
+    ``training_step`` and the strategy's backward (so gradients are synchronised across ranks as
+    in training); weights, buffers and the random state are left as they were. Returns the
+    number of batches used (fewer when the loader is shorter)."""
+    optimizer = check_primable(trainer, pl_module)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+    used = 0
+    try:
+        with isolate_rng(), _not_logging(pl_module):
+            for index, batch in enumerate(islice(batches, steps)):
+                batch = trainer.strategy.batch_to_device(batch)
+                out = trainer.strategy.training_step(batch, index)
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if not isinstance(loss, torch.Tensor):
+                    raise ValueError("prime_steps needs training_step to return the loss (a "
+                                     "tensor, or a dict with 'loss'); it returned "
+                                     f"{type(out).__name__}. Set prime_steps=0.")
+                optimizer.zero_grad(set_to_none=True)
+                trainer.strategy.backward(loss, optimizer)
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.0
+                optimizer.step()
+                for group, rate in zip(optimizer.param_groups, rates):
+                    group["lr"] = rate
+                used += 1
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in pl_module.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return used
