@@ -64,11 +64,12 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
     assert not torch.equal(rank0["fc1.weight"], untouched["fc1.weight"])
 
 
-def _fit(out: Path, devices: int) -> None:
+def _fit(out: Path, devices: int, prime_steps: int = 0) -> None:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "tests.ddp_run", "--out", str(out),
-                           "--devices", str(devices)], cwd=REPO, env=env, capture_output=True,
+                           "--devices", str(devices), "--prime_steps", str(prime_steps)],
+                          cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)  # a deadlock fails here instead of hanging
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -92,3 +93,18 @@ def test_ddp_spawn_through_the_trainer(tmp_path):
         assert curve[0] == "step,seconds,metric,value"
         assert {line.split(",")[0] for line in curve[1:]} == {"0", "1"}
         assert {line.split(",")[2] for line in curve[1:]} == {"val_loss", "val_accuracy"}
+
+
+def test_prime_steps_under_ddp_spawn_give_every_rank_the_same_moments(tmp_path):
+    """``prime_steps`` under ``ddp_spawn``: each rank primes on its own shard through the
+    strategy's backward, so the gradients are all-reduced and the moments, then the first
+    step's weights, are bit-identical across ranks."""
+    out = tmp_path / "ddp"
+    _fit(out, devices=2, prime_steps=2)
+    for name in ("rank{}_moments.pt", "rank{}_step1.pt"):
+        rank0, rank1 = (torch.load(out / name.format(r)) for r in (0, 1))
+        assert rank0.keys() == rank1.keys() and rank0
+        for key, value in rank0.items():
+            assert torch.equal(value, rank1[key]), (name, key)
+    moments = torch.load(out / "rank0_moments.pt")
+    assert all(float(v.abs().max()) > 0 for v in moments.values())
