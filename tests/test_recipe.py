@@ -170,7 +170,18 @@ class FirstBatch(L.Callback):
             self.x = batch[0].clone()
 
 
-def test_prime_steps_through_the_callback_keep_the_start_and_the_data_order(tmp_path, source):
+class Logging(TupleModule):
+    """Logs its loss in ``training_step``, as most modules do (priming must not log it)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["global_rng", "loader_generator"])
+def test_prime_steps_through_the_callback_keep_the_start_and_the_data_order(tmp_path, source,
+                                                                            seeded):
     net, checkpoint = source
     runs = {}
     for prime_steps in (0, 2):
@@ -178,20 +189,54 @@ def test_prime_steps_through_the_callback_keep_the_start_and_the_data_order(tmp_
         warm = TaskVectorTransport(net, checkpoint, calibration_batches=2, progress=False,
                                    prime_steps=prime_steps)
         record, first = Record(), FirstBatch()
-        shuffled = DataLoader(_tensor_data((3, 16, 16)).dataset, batch_size=16, shuffle=True)
+        generator = torch.Generator().manual_seed(3) if seeded else None
+        shuffled = DataLoader(_tensor_data((3, 16, 16)).dataset, batch_size=16, shuffle=True,
+                              generator=generator)
         trainer = _trainer(tmp_path / str(prime_steps), [warm, record, first], max_steps=1)
-        trainer.fit(TupleModule(_vit(24, 3)), shuffled, _tensor_data((3, 16, 16)))
+        trainer.fit(Logging(_vit(24, 3)), shuffled, _tensor_data((3, 16, 16)))
         optimizer = trainer.optimizers[0]
         steps = {float(optimizer.state[p]["step"]) for p in trainer.lightning_module.parameters()}
         runs[prime_steps] = (record, first.x, steps)
     (plain, x_plain, steps_plain), (primed, x_primed, steps_primed) = runs[0], runs[2]
     assert steps_plain == {1.0} and steps_primed == {3.0}
     assert torch.equal(x_plain, x_primed)  # the same first batch: the data order is unchanged
+    assert primed.stepped_lr == pytest.approx(plain.stepped_lr)  # the rates were put back
     start, after_plain, after_primed = plain.weights[0], plain.weights[1], primed.weights[1]
     assert all(torch.equal(primed.weights[0][k], v) for k, v in start.items())  # nothing moved
     moved_plain = {k: float((after_plain[k] - start[k]).norm()) for k in start}
     moved_primed = {k: float((after_primed[k] - start[k]).norm()) for k in start}
+    assert all(v > 0 for v in moved_primed.values())
     assert moved_plain != moved_primed  # the primed moments change the first update
+
+
+class DictBatches(TupleModule):
+    """Dict batches made into ``(x, y)`` by the module's ``on_before_batch_transfer``; its first
+    ``training_step`` asks Lightning to skip the batch (returns ``None``)."""
+
+    skipped = False
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch["x"], batch["y"]
+
+    def training_step(self, batch, batch_idx):
+        if not self.skipped:
+            self.skipped = True
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_prime_steps_use_the_loops_batch_hooks_and_skip_none(tmp_path, source):
+    net, checkpoint = source
+    data = _tensor_data((3, 16, 16)).dataset
+    rows = [{"x": x, "y": y} for x, y in data]
+    torch.manual_seed(1)
+    warm = TaskVectorTransport(net, checkpoint, calibration_batches=2, progress=False,
+                               prime_steps=2)
+    trainer = _trainer(tmp_path, [warm], max_steps=1)
+    trainer.fit(DictBatches(_vit(24, 3)), DataLoader(rows, batch_size=16))
+    optimizer = trainer.optimizers[0]
+    # the skipped batch took no priming step: 2 primed + 1 trained
+    assert {float(s["step"]) for s in optimizer.state.values()} == {3.0}
 
 
 class Adadelta(TupleModule):

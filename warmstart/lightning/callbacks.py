@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
@@ -23,7 +24,7 @@ from ..engine.options import TransportOptions
 from .recipe import WarmupRecipe, check_primable, prime_optimizer
 from .sharding import ShardedTarget
 from .validation import check_validation, scalar_metrics, validate_now
-from .warm import WarmStart, calibration_loader, find_target, run_transport
+from .warm import WarmStart, calibration_loader, find_target, run_transport, training_batches
 
 
 def log_dir(trainer: L.Trainer) -> Path:
@@ -109,7 +110,8 @@ class TaskVectorTransport(Callback):
             task head trains (0: off).
         prime_steps: the recipe: before the first step, the optimizer steps at learning rate 0
             on this many training batches, so its moments start from the warm network's
-            gradients; weights, buffers and the data order are left as they were (0: off).
+            gradients; weights, buffers and the data order are left as they were (0: off; see
+            :mod:`warmstart.lightning.recipe` for what it needs and refuses).
     """
 
     def __init__(
@@ -213,10 +215,13 @@ class TaskVectorTransport(Callback):
             return
         self._prime_pending = False
         wanted = self.recipe.prime_steps
-        used = prime_optimizer(trainer, pl_module, calibration_loader(trainer), wanted)
-        if used < wanted:
-            rank_zero_warn(f"prime_steps={wanted}, but the training data has {used} batches on "
-                           f"this rank; the optimizer was primed on {used}.")
+        steps = _agreed_steps(trainer, wanted)
+        with training_batches(trainer) as batches:
+            taken = prime_optimizer(trainer, pl_module, batches, steps)
+        if taken < wanted:
+            rank_zero_warn(f"prime_steps={wanted}, but the optimizer was primed on {taken} "
+                           "batches (the training data is shorter, a training_step returned "
+                           "None or gradients were not finite).")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer) -> None:
@@ -238,8 +243,24 @@ class TaskVectorTransport(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = bool(state_dict.get("applied", False))
+        if self.applied:  # a resumed fit: the recipe belonged to the fit that transported
+            self._recipe_live = self._prime_pending = False
         self.applied_fingerprint = state_dict.get("fingerprint")
         self.seconds = float(state_dict.get("seconds", 0.0))
+
+
+def _agreed_steps(trainer: L.Trainer, wanted: int) -> int:
+    """``wanted``, or fewer when a rank has fewer training batches; every rank takes the
+    smallest count, so the gradients' all-reduce never waits for a rank that ran out."""
+    try:
+        steps = min(wanted, len(calibration_loader(trainer)))
+    except TypeError:  # an iterable dataset without a length
+        steps = wanted
+    if trainer.world_size > 1:
+        counts = trainer.strategy.all_gather(
+            torch.tensor(steps, device=trainer.strategy.root_device))
+        steps = int(counts.min())
+    return steps
 
 
 @rank_zero_only

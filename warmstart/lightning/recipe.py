@@ -12,11 +12,15 @@ gradient) can throw part of that start away. Three remedies, all off by default,
   are dropped before the step, so the optimizer neither moves them nor starts their moments);
   the head, fitted to the moved body first, then trains with it;
 - ``prime_steps``: before the first step, the optimizer takes that many steps at learning rate 0
-  on training batches (this rank's first ``prime_steps`` batches, unshuffled), so its moments
-  (Adam's running means of the gradient and of its square, SGD's momentum) start from the warm
-  network's gradients instead of zero. The weights do not move; buffers such as BatchNorm's
-  running statistics and the random state are put back, so the fit's data order is unchanged.
-  The priming batches' losses are not logged.
+  on this rank's first training batches (unshuffled under a distributed sampler; each through
+  the loop's batch hooks, ``training_step``, the strategy's backward and the module's gradient
+  clipping), so its moments (Adam's running means of the gradient and of its square, SGD's
+  momentum) start from the warm network's gradients instead of zero. The weights do not move;
+  buffers such as BatchNorm's running statistics, the random state and the loader's generators
+  are put back, so the fit's data order is unchanged. The priming losses are not logged. Each
+  priming step takes one batch (no gradient accumulation), the moments of weights that
+  ``hold_steps`` holds are primed too, and metrics a ``training_step`` updates itself (a
+  torchmetrics object) count the priming batches.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
 
 import lightning as L
 import torch
@@ -111,9 +114,10 @@ class WarmupRecipe:
         self.pending.append(restore)
 
 
-# optimizers whose step at learning rate 0 leaves every weight exactly where it was
+# optimizers whose step at learning rate 0 leaves every weight exactly where it was (checked by
+# exact type: a subclass may step differently)
 PRIMABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
-            torch.optim.Adamax, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad)
+            torch.optim.Adamax, torch.optim.SGD, torch.optim.RMSprop)
 
 
 def check_primable(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.optim.Optimizer:
@@ -129,7 +133,7 @@ def check_primable(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.op
                          "scaler would scale the primed moments); use 'bf16-mixed' or 32, or set "
                          "prime_steps=0.")
     optimizer = trainer.optimizers[0]
-    if not isinstance(optimizer, PRIMABLE):
+    if type(optimizer) not in PRIMABLE:
         names = ", ".join(c.__name__ for c in PRIMABLE)
         raise ValueError(f"prime_steps supports torch.optim's {names}, whose step at learning "
                          f"rate 0 moves no weight; the module uses {type(optimizer).__name__}. "
@@ -150,38 +154,50 @@ def _not_logging(pl_module: L.LightningModule) -> Iterator[None]:
 
 def prime_optimizer(trainer: L.Trainer, pl_module: L.LightningModule, batches,
                     steps: int) -> int:
-    """Take ``steps`` optimizer steps at learning rate 0 on ``batches`` through the module's own
-    ``training_step`` and the strategy's backward (so gradients are synchronised across ranks as
-    in training); weights, buffers and the random state are left as they were. Returns the
-    number of batches used (fewer when the loader is shorter)."""
+    """Take up to ``steps`` optimizer steps at learning rate 0 on ``batches`` (ready for
+    ``training_step``: see :func:`~warmstart.lightning.warm.training_batches`) through the
+    module's own ``training_step``, the strategy's backward (so gradients are synchronised across
+    ranks as in training) and the module's gradient clipping. Weights, buffers and the random
+    state are left as they were. A batch whose ``training_step`` returns ``None`` (Lightning's
+    "skip") or whose gradients are not finite takes no step. Returns the number of steps taken.
+    """
     optimizer = check_primable(trainer, pl_module)
     rates = [group["lr"] for group in optimizer.param_groups]
     buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
-    used = 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    taken = 0
     try:
         with isolate_rng(), _not_logging(pl_module):
-            for index, batch in enumerate(islice(batches, steps)):
-                batch = trainer.strategy.batch_to_device(batch)
+            for index, batch in enumerate(batches):
+                if taken == steps:
+                    break
                 out = trainer.strategy.training_step(batch, index)
                 loss = out.get("loss") if isinstance(out, Mapping) else out
+                if loss is None:
+                    continue
                 if not isinstance(loss, torch.Tensor):
                     raise ValueError("prime_steps needs training_step to return the loss (a "
                                      "tensor, or a dict with 'loss'); it returned "
                                      f"{type(out).__name__}. Set prime_steps=0.")
-                optimizer.zero_grad(set_to_none=True)
+                pl_module.zero_grad(set_to_none=True)
                 trainer.strategy.backward(loss, optimizer)
+                if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                    continue  # 0 x inf is NaN: such a step would write NaN into the weights
+                pl_module.configure_gradient_clipping(
+                    optimizer, gradient_clip_val=trainer.gradient_clip_val,
+                    gradient_clip_algorithm=trainer.gradient_clip_algorithm)
                 for group in optimizer.param_groups:
                     group["lr"] = 0.0
                 optimizer.step()
                 for group, rate in zip(optimizer.param_groups, rates):
                     group["lr"] = rate
-                used += 1
+                taken += 1
     finally:
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
-        optimizer.zero_grad(set_to_none=True)
+        pl_module.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, b in pl_module.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    return used
+    return taken

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
@@ -141,7 +143,8 @@ def head_classes(target: nn.Module) -> int | None:
 
 
 def calibration_loader(trainer: L.Trainer) -> Any:
-    """This rank's shard of the training data, unshuffled (Lightning's distributed sampler).
+    """This rank's shard of the training data (under a distributed sampler, unshuffled; on one
+    device, the training loader as it is).
 
     At ``on_fit_start`` the fit loop has not built its loader yet, and Lightning has no public
     call for "the training loader as this rank will see it"; these two internals are the ones
@@ -150,6 +153,43 @@ def calibration_loader(trainer: L.Trainer) -> Any:
     loader = trainer.fit_loop._data_source.dataloader()
     return trainer._data_connector._prepare_dataloader(loader, shuffle=False,
                                                        mode=RunningStage.TRAINING)
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a loader draws its order and worker seeds from."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    found = [getattr(obj, "generator", None) for obj in (loader, sampler, batch_sampler)]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+@contextmanager
+def training_batches(trainer: L.Trainer) -> Iterator[Iterator[Any]]:
+    """This rank's training batches (:func:`calibration_loader`) as the fit loop hands them to
+    ``training_step``: the precision plugin's input conversion, the ``on_before_batch_transfer``
+    hook (the datamodule's where it has one) and the strategy's ``batch_to_device``. Inside it,
+    taking batches changes neither the global random state nor the loader's own generators, so
+    the fit's data order stays what it would have been."""
+    pl_module = trainer.lightning_module
+    datamodule = trainer.datamodule
+    hooks = (datamodule if datamodule is not None
+             and is_overridden("on_before_batch_transfer", datamodule) else pl_module)
+    loader = calibration_loader(trainer)
+    generators = _generators(loader)
+    states = [g.get_state() for g in generators]
+
+    def batches() -> Iterator[Any]:
+        for batch in loader:
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = hooks.on_before_batch_transfer(batch, 0)
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+    try:
+        with isolate_rng():
+            yield batches()
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
 
 
 def _source_inputs(plan: WarmStart) -> InputsFn | None:
@@ -255,8 +295,7 @@ def run_transport(trainer: L.Trainer, pl_module: L.LightningModule, plan: WarmSt
     target_in = source_in = None
     if (plan.options.method != "slice" or plan.options.bn_recalibration > 0
             or plan.options.head_fit > 0):
-        with isolate_rng():  # the training run's data order stays what it would have been
-            batches = (trainer.strategy.batch_to_device(b) for b in calibration_loader(trainer))
+        with training_batches(trainer) as batches:  # the fit's data order is left as it was
             target_in, source_in = take_inputs(batches, plan.calibration_batches, network,
                                                _target_inputs(trainer, network, plan),
                                                _source_inputs(plan))
