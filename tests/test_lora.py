@@ -513,11 +513,123 @@ def test_busy_out_dir_wrapped_source_and_auto_alpha_are_refused(tmp_path):
     with pytest.raises(ValueError, match="alpha='auto' needs a validation score"):
         transport_adapter(source, _lora(source), target, _texts(2), tmp_path / "x",
                           alpha="auto", progress=False)
-    before = _snapshot(target)
-    with pytest.raises(ValueError, match="head_fit refits the head to a finetuned source given as "
-                                         "weights; a LoRA adapter is moved as its factors"):
-        transport(source, _lora(source), target, _texts(2), head_fit=2, progress=False)
-    assert _unchanged(target, before)
+    with pytest.raises(ValueError, match="head_fit refits the target's head on its features "
+                                         "after the write, but transport_adapter only reads"):
+        transport_adapter(source, _lora(source), target, _texts(2), tmp_path / "y", head_fit=2,
+                          progress=False)
+    assert not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# head_fit with a LoRA source: the target's head refitted to the source-with-adapter's logits
+
+
+def _refit_expected(model: nn.Module, head: nn.Linear, adapter: PeftModel, batches):
+    """The ridge fit of PEFT's own forward of the source adapter (its logits) on the inputs that
+    ``head`` sees when ``model`` runs the same batches."""
+    from warmstart.engine.head_fit import ridge_fit
+    from warmstart.engine.options import TransportOptions
+
+    features = []
+    hook = head.register_forward_hook(lambda m, i, o: features.append(i[0]))
+    with torch.no_grad():
+        logits = torch.cat([adapter(**b).logits for b in batches])
+        for b in batches:
+            model(**b)
+    hook.remove()
+    return ridge_fit(torch.cat(features), logits, TransportOptions().head_fit_ridge)
+
+
+def test_head_fit_with_an_adapter_source_fits_the_adapted_sources_logits():
+    """transport() with a LoRA adapter and head_fit=3 into a wider BERT: the classifier is the
+    ridge fit of the logits PEFT computes for the source with its adapter, on the classifier's
+    inputs after the write; every other tensor is as without head_fit; the source is not changed
+    (the adapter is merged for a functional call, not into it)."""
+    source = _bert()
+    target = _bert(d=48, seed=4)
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS")
+    batches = _texts()
+    source_before = _snapshot(source)
+    moved, refit = copy.deepcopy(target), copy.deepcopy(target)
+    transport(source, adapter, moved, batches, progress=False)
+    transport(source, adapter, refit, batches, head_fit=3, progress=False)
+    assert _unchanged(source, source_before)
+    for name, value in refit.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(value, moved.state_dict()[name]), name
+    w, b = _refit_expected(refit.eval(), refit.classifier, adapter, batches)
+    torch.testing.assert_close(refit.classifier.weight, w.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(refit.classifier.bias, b.float(), atol=1e-5, rtol=1e-4)
+    assert (refit.classifier.weight - moved.classifier.weight).abs().max() > 1e-2
+
+
+def test_head_fit_into_a_peft_target_refits_its_trainable_head_copy():
+    """A PEFT-wrapped target (SEQ_CLS: the classifier in modules_to_save): the refit goes into
+    the trainable copy, which the optimizer holds (same tensors), and matches the fit computed
+    with the wrapped model's own forward; the frozen original and the moved factors are as
+    without head_fit."""
+    source = _bert()
+    target = _bert(d=48, seed=4)
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS")
+    batches = _texts()
+
+    def wrap():
+        return get_peft_model(copy.deepcopy(target), LoraConfig(
+            r=4, lora_alpha=8, target_modules=BERT_MODULES, task_type="SEQ_CLS")).eval()
+
+    moved, refit = wrap(), wrap()
+    pointers = {n: p.data_ptr() for n, p in refit.named_parameters()}
+    transport_into_peft(source, adapter, moved, batches, progress=False)
+    transport_into_peft(source, adapter, refit, batches, head_fit=3, progress=False)
+    assert {n: p.data_ptr() for n, p in refit.named_parameters()} == pointers
+    copy_ = refit.base_model.model.classifier.modules_to_save["default"]
+    for name, value in refit.state_dict().items():
+        if "classifier.modules_to_save" not in name:
+            assert torch.equal(value, moved.state_dict()[name]), name
+    w, b = _refit_expected(refit, copy_, adapter, batches)
+    torch.testing.assert_close(copy_.weight, w.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(copy_.bias, b.float(), atol=1e-5, rtol=1e-4)
+    assert copy_.weight.requires_grad
+
+
+def test_head_fit_with_an_adapter_is_undone_when_a_later_step_fails(tmp_path):
+    """alpha='auto' whose scoring fails on the second trial, after a trial write and refit: the
+    target, plain or PEFT-wrapped, is exactly as before."""
+    source = _bert()
+    target = _bert(d=48, seed=4)
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("validation failed")
+        return 1.0
+
+    wrapped = get_peft_model(copy.deepcopy(target), LoraConfig(
+        r=4, lora_alpha=8, target_modules=BERT_MODULES, task_type="SEQ_CLS")).eval()
+    # with the classifier saved, and without (then only the refit writes the target's head)
+    for adapter in (_lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS"), _lora(source, r=4)):
+        for model, engine in ((target, transport), (wrapped, transport_into_peft)):
+            before = _snapshot(model)
+            with pytest.raises(RuntimeError, match="validation failed"):
+                engine(source, adapter, model, _texts(), alpha="auto", alpha_grid=(1.0, 2.0),
+                       evaluate=evaluate, head_fit=2, progress=False)
+            assert _unchanged(model, before)
+
+
+def test_head_fit_refuses_a_target_head_under_lora():
+    """The target's adapter puts LoRA on the classifier: a refit of its frozen base weight would
+    sit under the adapter's change, so it is refused before anything is written."""
+    source = _bert()
+    adapter = _lora(source, r=4, lora_alpha=8, task_type="SEQ_CLS")
+    wrapped = get_peft_model(copy.deepcopy(_bert(d=48, seed=4)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[*BERT_MODULES, "classifier"])).eval()
+    before = _snapshot(wrapped)
+    with pytest.raises(ValueError, match=r"head_fit refits the target's output layer, but the "
+                                         r"target's adapter puts LoRA on it \(.*classifier\); "
+                                         r"list it in modules_to_save"):
+        transport_into_peft(source, adapter, wrapped, _texts(), head_fit=2, progress=False)
+    assert _unchanged(wrapped, before)
 
 
 # ---------------------------------------------------------------------------------------------

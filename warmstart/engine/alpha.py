@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -12,13 +13,14 @@ from .update import Update
 
 
 def select_alpha(target: nn.Module, update: Update, evaluate, grid,
-                 finish=lambda: None) -> tuple[float, tuple]:
+                 finish=lambda: None, also: Iterable[str] = ()) -> tuple[float, tuple]:
     """Best alpha of ``grid`` by ``evaluate(target)`` (lower is better); target restored after.
 
-    ``finish`` runs after each trial write (e.g. BatchNorm recalibration).
+    ``finish`` runs after each trial write (e.g. BatchNorm recalibration); ``also`` names the
+    tensors it writes beyond the update's own.
     """
     grid = check_alpha_grid(grid)
-    backup = _touched(target, update)
+    backup = _touched(target, update, also)
     scores = []
     try:
         for a in grid:

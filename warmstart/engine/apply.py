@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from itertools import islice
 
@@ -65,17 +65,18 @@ def _recalibration(target, layout, calibration, target_calibration, n_batches: i
     return lambda: recalibrate_batchnorm(target, layout, batches)
 
 
-def _touched(target: nn.Module, update: Update) -> dict[str, Tensor]:
-    """Backups of everything a write (and a BatchNorm recalibration) may change."""
+def _touched(target: nn.Module, update: Update, also: Iterable[str] = ()) -> dict[str, Tensor]:
+    """Backups of everything a write (and a BatchNorm recalibration) may change; ``also``: the
+    names of further tensors that runs after the write change (a refitted head)."""
     live = target_tensors(target)
-    names = {*update.deltas, *update.values, *(update.log_scales or {})}
+    names = {*update.deltas, *update.values, *(update.log_scales or {}), *also}
     names |= {n for n, b in target.named_buffers() if n.endswith(("running_mean", "running_var"))}
     return {n: live[n].detach().clone() for n in names if n in live}
 
 
 @contextmanager
-def _restored_on_error(target: nn.Module, update: Update):
-    backup = _touched(target, update)
+def _restored_on_error(target: nn.Module, update: Update, also: Iterable[str] = ()):
+    backup = _touched(target, update, also)
     try:
         yield
     except BaseException:

@@ -15,6 +15,7 @@ layer whose parameters have the ``head`` rule); a two-layer head keeps its moved
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -27,22 +28,38 @@ from .activations import call_model, move_to, prepare_inputs, run_batch
 from .families.base import ModelLayout
 
 
+@dataclass(frozen=True)
+class HeadRefit:
+    """What to run after each write (calling it refits the head; a no-op when ``head_fit=0``),
+    and the names of the ``target`` parameters it writes, for the caller's backups."""
+
+    fit: Callable[[], None] = lambda: None
+    names: tuple[str, ...] = ()
+
+    def __call__(self) -> None:
+        self.fit()
+
+
 def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn.Module,
                   layout_s: ModelLayout, layout_t: ModelLayout, calibration: Iterable[Any] | None,
-                  target_calibration: Iterable[Any] | None, n_batches: int,
-                  ridge: float) -> Callable[[], None]:
-    """What to run after each write: the head refit on ``n_batches``, or nothing.
+                  target_calibration: Iterable[Any] | None, n_batches: int, ridge: float,
+                  target_head: nn.Linear | None = None) -> HeadRefit:
+    """The head refit on ``n_batches``, to run after each write.
 
-    The source's outputs are computed here, once (they do not depend on alpha); the target's
-    features are read when the returned function runs, after the write.
+    ``finetuned`` holds the source's finetuned tensors (all of them, or only those that differ
+    from ``source``'s, e.g. a LoRA adapter merged module by module). The source's outputs are
+    computed here, once (they do not depend on alpha); the target's features are read when the
+    refit runs, after the write. ``target_head``: the layer to refit when it is not the one the
+    layout names in ``target`` (the live copy of a PEFT ``modules_to_save`` head).
     """
     if n_batches == 0:
-        return lambda: None
+        return HeadRefit()
     if calibration is None:
         raise ValueError("head_fit needs calibration inputs (the finetuned source's outputs are "
                          "its targets); pass calibration=..., or set head_fit=0.")
-    source_head = _output_layer(source, layout_s, "source")
-    target_head = _output_layer(target, layout_t, "target")
+    source_head = output_layer(source, layout_s, "source")
+    if target_head is None:
+        target_head = output_layer(target, layout_t, "target")
     if source_head.out_features != target_head.out_features:
         raise ValueError(f"head_fit needs output layers of the same size: the source's has "
                          f"{source_head.out_features} outputs, the target's "
@@ -62,7 +79,8 @@ def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn
                 "or identical tokenizations. Set head_fit=0.")
         _write(target_head, *ridge_fit(features, outputs, ridge, target_head.bias is not None))
 
-    return fit
+    written = {id(p) for p in target_head.parameters()}
+    return HeadRefit(fit, tuple(n for n, p in target.named_parameters() if id(p) in written))
 
 
 def ridge_fit(features: Tensor, outputs: Tensor, ridge: float,
@@ -80,7 +98,7 @@ def ridge_fit(features: Tensor, outputs: Tensor, ridge: float,
     return (solution[:, :-1], solution[:, -1]) if bias else (solution, None)
 
 
-def _output_layer(model: nn.Module, layout: ModelLayout, side: str) -> nn.Linear:
+def output_layer(model: nn.Module, layout: ModelLayout, side: str) -> nn.Linear:
     names = [p.name for p in layout.params if p.rule == "head" and p.name.endswith(".weight")]
     modules = dict(model.named_modules())
     layer = modules.get(names[0].rsplit(".", 1)[0]) if len(names) == 1 else None
@@ -131,7 +149,8 @@ def _call_with(model: nn.Module, inputs: Any, state: Mapping[str, Tensor]) -> An
 def _source_outputs(source: nn.Module, finetuned: Mapping[str, Tensor], layout: ModelLayout,
                     layer: nn.Linear, batches: list) -> Tensor:
     """The finetuned source's output rows: ``source`` run with the finetuned tensors in place of
-    its own (``functional_call``; the module itself is not changed)."""
+    its own (``functional_call``, which keeps the module's own tensors for names ``finetuned``
+    lacks; the module itself is not changed)."""
     device = next((p.device for p in source.parameters()), torch.device("cpu"))
     state = {n: t.to(device) for n, t in finetuned.items()}
     return _run(source, layout, layer, batches, "source", state)

@@ -84,6 +84,21 @@ class LoraSource:
     saved: Mapping[str, Tensor]
     origin: str
 
+    def finetuned_tensors(self, source: nn.Module) -> dict[str, Tensor]:
+        """The tensors of ``source`` that the adapter changes, as the finetuned model has them:
+        ``W + scaling B A`` for every LoRA module and the ``modules_to_save`` values, on the
+        source's device and in its dtypes. What ``torch.func.functional_call(source, ...)``
+        needs to run the finetuned source without merging into it."""
+        tensors = source.state_dict()
+        merged = {}
+        for name, f in self.modules.items():
+            weight = tensors[f"{name}.weight"]
+            merged[f"{name}.weight"] = (weight.double() + f.dense().to(weight.device)
+                                        ).to(weight.dtype)
+        for name, value in self.saved.items():
+            merged[name] = value.to(tensors[name].device, tensors[name].dtype)
+        return merged
+
 
 def is_adapter(obj: Any) -> bool:
     """A PEFT adapter folder (or its ``adapter_config.json``), or a model carrying ``peft_config``

@@ -29,6 +29,7 @@ from .activations import model_device
 from .alpha import select_alpha
 from .apply import _recalibration, _restored_on_error, apply_update
 from .checks import check_calibration, check_models
+from .head_fit import HeadRefit, head_fit_step, output_layer
 from .families import describe_model
 from .lora import LoraSource, active_adapter, is_adapter, read_adapter
 from .lora_move import LoraModuleReport, MovedAdapter, move_adapter
@@ -70,9 +71,6 @@ class _Plan:
 
 def _plan(source: nn.Module, adapter: Any, target_view: nn.Module, options: TransportOptions,
           adapter_name: str | None, device: torch.device) -> _Plan:
-    if options.head_fit:
-        raise ValueError("head_fit refits the head to a finetuned source given as weights; a "
-                         "LoRA adapter is moved as its factors, without it. Set head_fit=0.")
     lora = read_adapter(adapter, source, adapter_name)
     layout_s = describe_model(source, options.source_family)
     layout_t = describe_model(target_view, options.target_family)
@@ -94,6 +92,17 @@ def _report(plan: _Plan, moved: MovedAdapter, alpha: float, timings: Mapping[str
         timings=dict(timings), options={**plan.options.to_dict(), "adapter": plan.lora.origin},
         alpha_scores=tuple(scores), token_pairing=moved.token_pairing,
         modules=moved.module_reports, out_dir=out_dir, adapter=dict(adapter or {}))
+
+
+def _head_refit(plan: _Plan, source: nn.Module, target: nn.Module, calibration, target_calibration,
+                target_head: nn.Linear | None = None) -> HeadRefit:
+    """``head_fit`` against the source with its adapter merged (``functional_call``; the source
+    module is not changed); a no-op refit when ``head_fit=0``."""
+    if not plan.options.head_fit:
+        return HeadRefit()
+    return head_fit_step(source, plan.lora.finetuned_tensors(source), target, plan.layout_s,
+                         plan.layout_t, calibration, target_calibration, plan.options.head_fit,
+                         plan.options.head_fit_ridge, target_head)
 
 
 def _fixed_alpha(options: TransportOptions, what: str) -> float:
@@ -153,6 +162,11 @@ def transport_adapter(
     """
     options = (options or TransportOptions()).replace(**option_values)
     alpha = _fixed_alpha(options, "transport_adapter")
+    if options.head_fit:
+        raise ValueError("head_fit refits the target's head on its features after the write, but "
+                         "transport_adapter only reads the target; set head_fit=0, or warm-start "
+                         "a PEFT-wrapped target (TaskVectorTransport, transport_into_peft) or "
+                         "the target's own weights (transport), which can refit it.")
     if out_dir is None:
         raise ValueError("transport_adapter needs out_dir, the folder to write the adapter to.")
     out = _check_out_dir(out_dir, overwrite)
@@ -284,13 +298,20 @@ def transport_lora(source_pretrained: nn.Module, adapter: Any, target: nn.Module
         lora_params.append(ParamReport(key, "lora", "lora", None, 0.0, f.norm(),
                                        note=f"rank {f.rank}, scaling {f.scaling:g}"))
     update = Update(deltas, moved.values, (), (), moved.skipped, moved.log_scales)
-    finish = _recalibration(target, plan.layout_t, calibration, target_calibration,
-                            plan.options.bn_recalibration)
+    recalibrate = _recalibration(target, plan.layout_t, calibration, target_calibration,
+                                 plan.options.bn_recalibration)
+    fit_head = _head_refit(plan, source_pretrained, target, calibration, target_calibration)
+
+    def finish() -> None:  # after each write: BatchNorm statistics first, then the head
+        recalibrate()
+        fit_head()
+
     alpha, scores = plan.options.alpha, ()
     if alpha == "auto":
-        alpha, scores = select_alpha(target, update, evaluate, plan.options.alpha_grid, finish)
+        alpha, scores = select_alpha(target, update, evaluate, plan.options.alpha_grid, finish,
+                                     fit_head.names)
     t0 = time.perf_counter()
-    with _restored_on_error(target, update):
+    with _restored_on_error(target, update, fit_head.names):
         apply_update(target, update, float(alpha))
         finish()
     timings["apply"] = time.perf_counter() - t0
@@ -356,13 +377,17 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
                              progress, target_state=state_t, timings=timings, check=check)
     writes, notes = _peft_writes(moved, lora_t, state_t, name, set(_base_names(live, state_t)))
     skipped = moved.skipped + tuple(notes)
+    fit_head = _head_refit(plan, source_pretrained, live, calibration, target_calibration,
+                           _live_head(view, state_t, live, plan) if plan.options.head_fit else None)
     alpha, scores = plan.options.alpha, ()
     backup = {k: t.detach().clone() for k, (t, _, _) in writes.items()}
+    backup.update({n: live.get_parameter(n).detach().clone() for n in fit_head.names})
     try:
         if alpha == "auto":
             trials = []
             for a in check_alpha_grid(plan.options.alpha_grid):
                 _write_live(writes, a)
+                fit_head()
                 trials.append((a, float(evaluate(target))))
             finite = [s for s in trials if math.isfinite(s[1])]
             if not finite:
@@ -370,10 +395,13 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
                                  "validation score.")
             alpha, scores = min(finite, key=lambda s: s[1])[0], tuple(trials)
         _write_live(writes, float(alpha))
+        fit_head()
     except BaseException:
         with torch.no_grad():
             for key, (tensor, _, _) in writes.items():
                 tensor.copy_(backup[key])
+            for key in fit_head.names:
+                live.get_parameter(key).copy_(backup[key])
         raise
     timings["total"] = time.perf_counter() - started
     reports = tuple(dataclasses.replace(m, norm_target=float(alpha) * m.norm_target)
@@ -436,6 +464,24 @@ def _unwrapped(live: nn.Module, adapter: str
                 break
         state[key] = live_state[live_key]
     return view, state, layers
+
+
+def _live_head(view: nn.Module, state: Mapping[str, Tensor], live: nn.Module,
+               plan: _Plan) -> nn.Linear:
+    """The layer of ``live`` that computes the target's output layer: PEFT's trainable copy of a
+    ``modules_to_save`` head, or the plain layer. A head under LoRA is refused: the refit would
+    go into its frozen base weight, under the adapter's own change."""
+    from peft.tuners.lora import LoraLayer
+
+    layer = output_layer(view, plan.layout_t, "target")
+    name = next(n for n, p in view.named_parameters() if p is layer.weight)
+    weight = state[name]
+    for path, module in live.named_modules():
+        if isinstance(module, LoraLayer) and module.get_base_layer().weight is weight:
+            raise ValueError(f"head_fit refits the target's output layer, but the target's adapter "
+                             f"puts LoRA on it ({path}); list it in modules_to_save instead of "
+                             "target_modules, or set head_fit=0.")
+    return next(m for m in live.modules() if isinstance(m, nn.Linear) and m.weight is weight)
 
 
 def _absent(modules: Iterable[str], layers: Mapping[str, nn.Module], adapter: str) -> list[str]:

@@ -72,7 +72,10 @@ class TransportOptions:
         head_fit: after the update (and the BatchNorm recalibration), refit the target's output
             layer to the finetuned source's outputs on this many calibration batches, by ridge
             regression on the layer's inputs: no labels, no gradient steps (0: off, the head is
-            moved like every other parameter).
+            moved like every other parameter). With a LoRA adapter as the task vector, the
+            source's outputs are those of the source with its adapter; a PEFT-wrapped target
+            gets the refit in its ``modules_to_save`` copy of the head (``transport_adapter``,
+            which only reads the target, refuses it).
         head_fit_ridge: the ridge of ``head_fit``, relative to the mean squared feature (> 0).
             Larger values give a smaller head: lower accuracy right after the transport; the
             default is about the best accuracy measured on the demo pair

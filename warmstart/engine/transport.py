@@ -102,9 +102,10 @@ def transport(
 
     alpha, scores = options.alpha, ()
     if alpha == "auto":
-        alpha, scores = select_alpha(target, update, evaluate, options.alpha_grid, finish)
+        alpha, scores = select_alpha(target, update, evaluate, options.alpha_grid, finish,
+                                     fit_head.names)
     t0 = time.perf_counter()
-    with _restored_on_error(target, update):
+    with _restored_on_error(target, update, fit_head.names):
         apply_update(target, update, float(alpha))
         finish()
     timings["apply"] = time.perf_counter() - t0
