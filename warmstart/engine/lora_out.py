@@ -29,8 +29,8 @@ from .activations import model_device
 from .alpha import select_alpha
 from .apply import _recalibration, _restored_on_error, apply_update
 from .checks import check_calibration, check_models
-from .head_fit import HeadRefit, head_fit_step, output_layer
 from .families import describe_model
+from .head_fit import HeadRefit, head_fit_step, output_layer
 from .lora import LoraSource, active_adapter, is_adapter, read_adapter
 from .lora_move import LoraModuleReport, MovedAdapter, move_adapter
 from .matching import match
