@@ -360,6 +360,7 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
     live = target.get_base_model() if hasattr(target, "get_base_model") else target
     view, state_t, lora_t = _unwrapped(live, name)
     plan = _plan(source_pretrained, adapter, view, options, adapter_name, model_device(live))
+    head = _live_head(view, state_t, live, plan) if plan.options.head_fit else None  # refuse early
     timings: dict[str, float] = {}
     disabled = target.disable_adapter() if hasattr(target, "disable_adapter") else _nothing()
 
@@ -377,8 +378,7 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
                              progress, target_state=state_t, timings=timings, check=check)
     writes, notes = _peft_writes(moved, lora_t, state_t, name, set(_base_names(live, state_t)))
     skipped = moved.skipped + tuple(notes)
-    fit_head = _head_refit(plan, source_pretrained, live, calibration, target_calibration,
-                           _live_head(view, state_t, live, plan) if plan.options.head_fit else None)
+    fit_head = _head_refit(plan, source_pretrained, live, calibration, target_calibration, head)
     alpha, scores = plan.options.alpha, ()
     backup = {k: t.detach().clone() for k, (t, _, _) in writes.items()}
     backup.update({n: live.get_parameter(n).detach().clone() for n in fit_head.names})
