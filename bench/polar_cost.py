@@ -12,7 +12,9 @@ Ways: ``svd`` (torch's default driver), on CUDA also ``gesvd``, ``gesvdj`` and `
 ``eigh`` (eigendecomposition of the narrow-side Gram, which squares the condition number, scaled
 by the inverse square roots of its eigenvalues); and ``engine eigh``, the engine's own
 ``polar_factor(m, solver="eigh")`` (``warmstart/engine/procrustes.py``): the same eigenvectors,
-singular values from row norms, then at most two polishing steps.
+singular values from row norms, then at most two polishing steps; and ``eigh, float32 Gram``,
+the same with the Gram and its eigenvectors in float32 (not an engine solver: measured to see
+whether it is accurate enough to become one).
 
     python bench/polar_cost.py --device cpu --threads 2
     python bench/polar_cost.py --device cuda --threads 16 --out bench/results/polar_cost_gpu.json
@@ -33,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from warmstart.engine.procrustes import polar_factor
+from warmstart.engine.procrustes import _orthonormalize, polar_factor
 
 SHAPES = ("768x896", "768x1024", "3072x3584", "3072x4096")
 
@@ -60,6 +62,25 @@ def polar_eigh(m: torch.Tensor) -> torch.Tensor:
     return inv_root @ m if wide else m @ inv_root
 
 
+def polar_eigh32(m: torch.Tensor) -> torch.Tensor:
+    """The engine's eigh path with the Gram and its eigendecomposition in float32 (about twice
+    as fast on a CPU), the rest in float64: the rotated rows ``W^T C``, their normalisation and
+    polish, and the product with ``W``. ``W`` is only as orthonormal as float32 makes it, and
+    the orthonormality column shows what that leaves in the factor."""
+    wide = m.shape[0] <= m.shape[1]
+    c = m if wide else m.T
+    c32 = c.float()
+    _, basis = torch.linalg.eigh(c32 @ c32.T)
+    basis = basis.double()
+    rotated = basis.T @ c
+    sigma = torch.linalg.vector_norm(rotated, dim=1)
+    z = _orthonormalize(rotated / sigma[:, None], 2, 1e-9)
+    if z is None:  # the series did not converge: report a factor that fails every column
+        return torch.full_like(m, float("nan"))
+    q = basis @ z
+    return q if wide else q.T
+
+
 def ways(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     out = {"svd": lambda m: polar_svd(m, None)}
     if device.type == "cuda":
@@ -67,6 +88,7 @@ def ways(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tenso
     out["eigh"] = polar_eigh
     # rank_rtol 1e-7 keeps every planted direction (down to 1e-6) and stays in eigh's range
     out["engine eigh"] = lambda m: polar_factor(m, rank_rtol=1e-7, solver="eigh")[0]
+    out["eigh, float32 Gram"] = polar_eigh32
     return out
 
 
