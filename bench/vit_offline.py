@@ -177,7 +177,7 @@ def check_loads(size: dict, weights: Path) -> None:
 
 
 RECIPE_KEYS = {"ramp_steps": int, "hold_steps": int, "prime_steps": int, "head_fit": int,
-               "head_fit_ridge": float}
+               "head_fit_ridge": float, "head_fit_mode": str}
 
 
 def parse_recipe(text: str) -> dict[str, int | float]:

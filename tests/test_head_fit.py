@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from warmstart.engine.head_fit import ridge_fit
+from warmstart.engine.head_fit import ridge_fit, scale_fit
 from warmstart.engine.options import TransportOptions
 from warmstart.engine.transport import transport
 
@@ -77,6 +77,68 @@ def test_head_fit_brings_a_wider_target_closer_to_the_source_outputs():
             assert torch.equal(value, moved.state_dict()[name]), name
 
 
+def test_scale_fit_matches_the_spread_and_keeps_every_decision():
+    """``scale_fit``: ``c`` is the least-squares scale of the centred logits (checked against a
+    scan of candidate scales), the argmax of every row is kept, a single output is not centred,
+    and opposed logits are refused."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    w, b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    own = f @ w.double().T + b.double()
+    wanted = 2.5 * own + torch.randn(40, 1, generator=g, dtype=torch.float64)  # row shifts
+    wanted += 0.3 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    w2, b2 = scale_fit(f, wanted, w, b)
+    c = float(w2[0, 0] / w[0, 0])
+    torch.testing.assert_close(w2, c * w.double())
+    torch.testing.assert_close(b2, c * b.double())
+
+    def centred_error(k):
+        d = k * own - wanted
+        return float((d - d.mean(1, keepdim=True)).square().sum())
+
+    assert 2.3 < c < 2.7
+    assert centred_error(c) <= min(centred_error(c + e) for e in (-1e-3, 1e-3))
+    assert torch.equal((f @ w2.T + b2).argmax(1), own.argmax(1))
+    one_w, one_b = w[:1], b[:1]
+    single = f @ one_w.double().T + one_b.double()
+    w1, _ = scale_fit(f, 0.5 * single + 1.0, one_w, one_b)  # not centred: the shift counts
+    expected = float((single * (0.5 * single + 1.0)).sum() / single.square().sum())
+    torch.testing.assert_close(w1, expected * one_w.double())
+    with pytest.raises(ValueError, match=r"head_fit_mode='scale' found the target's logits "
+                                         r"unrelated or opposed .* nothing was written"):
+        scale_fit(f, -own, w, b)
+
+
+def test_head_fit_scale_mode_multiplies_the_moved_head_only():
+    """``head_fit_mode="scale"`` through transport(): the output layer is the moved one times the
+    scale fitted between its logits and the finetuned source's on the calibration batches; every
+    other tensor is as without head_fit, and the target's predictions are unchanged."""
+    torch.manual_seed(0)
+    source, target = TinyMLP(hidden=16, d_out=6), TinyMLP(hidden=24, d_out=6)
+    finetuned = _perturbed(source, scale=0.3)
+    calibration = _calibration(3)
+    moved, scaled = copy.deepcopy(target), copy.deepcopy(target)
+    transport(source, finetuned, moved, calibration, progress=False)
+    transport(source, finetuned, scaled, calibration, head_fit=3, head_fit_mode="scale",
+              progress=False)
+    for name, value in scaled.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, moved.state_dict()[name]), name
+    x = torch.cat(calibration)
+    features = []
+    hook = moved.head.register_forward_hook(lambda m, i, o: features.append(i[0]))
+    with torch.no_grad():
+        logits = moved(x)
+        wanted = finetuned(x)
+    hook.remove()
+    w, b = scale_fit(features[0], wanted, moved.head.weight, moved.head.bias)
+    torch.testing.assert_close(scaled.head.weight, w.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scaled.head.bias, b.float(), atol=1e-6, rtol=1e-5)
+    assert abs(float(w[0, 0] / moved.head.weight[0, 0]) - 1.0) > 0.05  # it did rescale
+    with torch.no_grad():
+        assert torch.equal(scaled(x).argmax(1), logits.argmax(1))
+
+
 def test_head_fit_reads_the_features_after_batchnorm_recalibration():
     """With ``bn_recalibration`` the head is fitted to the features of the recalibrated network,
     in eval mode: the refit is exactly the ridge solution on those features."""
@@ -126,7 +188,9 @@ def test_head_fit_under_alpha_auto_fits_each_trial():
     (dict(head_fit=1.5), r"head_fit must be a number of batches >= 0, got 1.5"),
     (dict(head_fit=1, head_fit_ridge=0.0), r"head_fit_ridge must be a finite number > 0"),
     (dict(head_fit=1, head_fit_ridge=float("nan")), r"head_fit_ridge must be a finite number"),
-], ids=["negative", "fraction", "zero-ridge", "nan-ridge"])
+    (dict(head_fit=1, head_fit_mode="temperature"),
+     r"head_fit_mode must be one of \('ridge', 'scale'\), got 'temperature'"),
+], ids=["negative", "fraction", "zero-ridge", "nan-ridge", "mode"])
 def test_bad_head_fit_options_are_refused(options, match):
     source, target = TinyMLP(), TinyMLP()
     before = _snapshot(target)

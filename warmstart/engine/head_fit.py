@@ -10,10 +10,15 @@ where ``F_t`` are the inputs of the target's output layer and ``Z_s`` the source
 (logits) on the same examples: a distillation of the source's head onto the target's features.
 It uses no labels and no gradient steps. Only the last ``nn.Linear`` of the head is refitted (the
 layer whose parameters have the ``head`` rule); a two-layer head keeps its moved hidden layer.
+
+``head_fit_mode="scale"`` fits one number instead: the moved layer's weight and bias are
+multiplied by the positive least-squares scale of its logits onto the source's, so the target
+keeps its own decisions and takes the source's confidence.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -43,14 +48,15 @@ class HeadRefit:
 def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn.Module,
                   layout_s: ModelLayout, layout_t: ModelLayout, calibration: Iterable[Any] | None,
                   target_calibration: Iterable[Any] | None, n_batches: int, ridge: float,
-                  target_head: nn.Linear | None = None) -> HeadRefit:
+                  target_head: nn.Linear | None = None, mode: str = "ridge") -> HeadRefit:
     """The head refit on ``n_batches``, to run after each write.
 
     ``finetuned`` holds the source's finetuned tensors (all of them, or only those that differ
     from ``source``'s, e.g. a LoRA adapter merged module by module). The source's outputs are
     computed here, once (they do not depend on alpha); the target's features are read when the
     refit runs, after the write. ``target_head``: the layer to refit when it is not the one the
-    layout names in ``target`` (the live copy of a PEFT ``modules_to_save`` head).
+    layout names in ``target`` (the live copy of a PEFT ``modules_to_save`` head). ``mode``:
+    ``ridge`` (:func:`ridge_fit`) or ``scale`` (:func:`scale_fit`).
     """
     if n_batches == 0:
         return HeadRefit()
@@ -77,7 +83,12 @@ def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn
                 "target rows: the two models' heads see different numbers of rows (token heads "
                 "under different tokenizers); head_fit supports heads with one row per example "
                 "or identical tokenizations. Set head_fit=0.")
-        _write(target_head, *ridge_fit(features, outputs, ridge, target_head.bias is not None))
+        if mode == "scale":
+            _write(target_head, *scale_fit(features, outputs, target_head.weight,
+                                           target_head.bias))
+        else:
+            _write(target_head, *ridge_fit(features, outputs, ridge,
+                                           target_head.bias is not None))
 
     written = {id(p) for p in target_head.parameters()}
     return HeadRefit(fit, tuple(n for n, p in target.named_parameters() if id(p) in written))
@@ -96,6 +107,26 @@ def ridge_fit(features: Tensor, outputs: Tensor, ridge: float,
         penalty[-1] = 0.0
     solution = torch.linalg.solve(gram + torch.diag(penalty), x.T @ z).T
     return (solution[:, :-1], solution[:, -1]) if bias else (solution, None)
+
+
+def scale_fit(features: Tensor, outputs: Tensor, weight: Tensor,
+              bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(c W, c b)`` with ``c > 0`` the least-squares scale of the layer's outputs ``F W^T + b``
+    onto ``Z``, in float64. With several outputs each row's mean is removed from both first
+    (a softmax ignores it), so only the spread of the logits is matched: the argmax of every
+    row stays as it was."""
+    w = weight.detach().double().to(features.device)
+    b = None if bias is None else bias.detach().double().to(features.device)
+    own = features.double() @ w.T + (0.0 if b is None else b)
+    wanted = outputs.double()
+    if own.shape[1] > 1:
+        own, wanted = own - own.mean(1, keepdim=True), wanted - wanted.mean(1, keepdim=True)
+    c = float((own * wanted).sum() / (own * own).sum())
+    if not math.isfinite(c) or c <= 0:
+        raise ValueError(f"head_fit_mode='scale' found the target's logits unrelated or opposed to "
+                         f"the source's (least-squares scale {c:.3g}); nothing was written. Use "
+                         "head_fit_mode='ridge', or head_fit=0.")
+    return c * w, None if b is None else c * b
 
 
 def output_layer(model: nn.Module, layout: ModelLayout, side: str) -> nn.Linear:

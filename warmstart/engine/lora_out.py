@@ -102,7 +102,7 @@ def _head_refit(plan: _Plan, source: nn.Module, target: nn.Module, calibration, 
         return HeadRefit()
     return head_fit_step(source, plan.lora.finetuned_tensors(source), target, plan.layout_s,
                          plan.layout_t, calibration, target_calibration, plan.options.head_fit,
-                         plan.options.head_fit_ridge, target_head)
+                         plan.options.head_fit_ridge, target_head, plan.options.head_fit_mode)
 
 
 def _fixed_alpha(options: TransportOptions, what: str) -> float:

@@ -80,6 +80,10 @@ class TransportOptions:
             Larger values give a smaller head: lower accuracy right after the transport; the
             default is about the best accuracy measured on the demo pair
             (``bench/head_fit_step0.py``).
+        head_fit_mode: ``ridge`` refits the whole output layer as above; ``scale`` only
+            multiplies the moved layer's weight and bias by one positive number, the least-squares
+            scale of its logits onto the source's (each example's mean logit removed, which a
+            softmax ignores): the target keeps every decision and takes the source's confidence.
         token_pairing: how text token rows of the two models pair: ``one_to_one`` (both
             tokenizers split identically), ``offsets`` (each target token with the mean of the
             source tokens covering its characters; needs fast tokenizers' ``offset_mapping``),
@@ -110,6 +114,7 @@ class TransportOptions:
     bn_recalibration: int = 0
     head_fit: int = 0
     head_fit_ridge: float = 1.0
+    head_fit_mode: Literal["ridge", "scale"] = "ridge"
     token_pairing: TokenPairing = "auto"
     strict: bool = True
     source_family: str | None = None
@@ -135,6 +140,7 @@ class TransportOptions:
         for name, allowed in (("completion", ("none", "crop")), ("depthwise", ("diagonal", "zero")),
                               ("embeddings", ("zero", "map")),
                               ("head_hidden", ("units", "stream")),
+                              ("head_fit_mode", ("ridge", "scale")),
                               ("gains", ("regression", "diagonal"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")

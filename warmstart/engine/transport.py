@@ -94,7 +94,7 @@ def transport(
                                  options.bn_recalibration)
     fit_head = head_fit_step(source_pretrained, finetuned, target, layout_s, layout_t,
                              calibration, target_calibration, options.head_fit,
-                             options.head_fit_ridge)
+                             options.head_fit_ridge, mode=options.head_fit_mode)
 
     def finish() -> None:  # after each write: BatchNorm statistics first, then the head
         recalibrate()
