@@ -72,6 +72,11 @@ def test_head_fit_brings_a_wider_target_closer_to_the_source_outputs():
         error_moved = float((moved(x) - wanted).square().mean())
         error_refit = float((refit(x) - wanted).square().mean())
     assert error_refit < 0.5 * error_moved
+    fit = report.head_fit  # what the refit did, on the calibration rows
+    assert fit["mode"] == "ridge" and fit["rows"] == float(len(x))
+    assert fit["logit_mse_before"] == pytest.approx(error_moved, rel=1e-5)
+    assert fit["logit_mse_after"] == pytest.approx(error_refit, rel=1e-5)
+    assert report.summary()["head_fit_logit_mse_after"] == fit["logit_mse_after"]
     for name, value in refit.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(value, moved.state_dict()[name]), name
@@ -119,8 +124,8 @@ def test_head_fit_scale_mode_multiplies_the_moved_head_only():
     calibration = _calibration(3)
     moved, scaled = copy.deepcopy(target), copy.deepcopy(target)
     transport(source, finetuned, moved, calibration, progress=False)
-    transport(source, finetuned, scaled, calibration, head_fit=3, head_fit_mode="scale",
-              progress=False)
+    report = transport(source, finetuned, scaled, calibration, head_fit=3,
+                       head_fit_mode="scale", progress=False)
     for name, value in scaled.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(value, moved.state_dict()[name]), name
@@ -134,7 +139,10 @@ def test_head_fit_scale_mode_multiplies_the_moved_head_only():
     w, b = scale_fit(features[0], wanted, moved.head.weight, moved.head.bias)
     torch.testing.assert_close(scaled.head.weight, w.float(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(scaled.head.bias, b.float(), atol=1e-6, rtol=1e-5)
-    assert abs(float(w[0, 0] / moved.head.weight[0, 0]) - 1.0) > 0.05  # it did rescale
+    scale = float(w[0, 0] / moved.head.weight[0, 0])
+    assert abs(scale - 1.0) > 0.05  # it did rescale
+    assert report.head_fit["scale"] == pytest.approx(scale, rel=1e-5)
+    assert report.head_fit["logit_mse_after"] < report.head_fit["logit_mse_before"]
     with torch.no_grad():
         assert torch.equal(scaled(x).argmax(1), logits.argmax(1))
 

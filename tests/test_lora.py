@@ -552,8 +552,9 @@ def test_head_fit_with_an_adapter_source_fits_the_adapted_sources_logits():
     source_before = _snapshot(source)
     moved, refit = copy.deepcopy(target), copy.deepcopy(target)
     transport(source, adapter, moved, batches, progress=False)
-    transport(source, adapter, refit, batches, head_fit=3, progress=False)
+    report = transport(source, adapter, refit, batches, head_fit=3, progress=False)
     assert _unchanged(source, source_before)
+    assert report.head_fit["mode"] == "ridge" and report.head_fit["rows"] == 24.0
     for name, value in refit.state_dict().items():
         if not name.startswith("classifier."):
             assert torch.equal(value, moved.state_dict()[name]), name
@@ -580,8 +581,10 @@ def test_head_fit_into_a_peft_target_refits_its_trainable_head_copy():
     moved, refit = wrap(), wrap()
     pointers = {n: p.data_ptr() for n, p in refit.named_parameters()}
     transport_into_peft(source, adapter, moved, batches, progress=False)
-    transport_into_peft(source, adapter, refit, batches, head_fit=3, progress=False)
+    report = transport_into_peft(source, adapter, refit, batches, head_fit=3, progress=False)
     assert {n: p.data_ptr() for n, p in refit.named_parameters()} == pointers
+    assert report.head_fit["rows"] == 24.0  # 3 batches of 8 sentences, one row each
+    assert report.head_fit["logit_mse_after"] < report.head_fit["logit_mse_before"]
     copy_ = refit.base_model.model.classifier.modules_to_save["default"]
     for name, value in refit.state_dict().items():
         if "classifier.modules_to_save" not in name:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -36,10 +36,13 @@ from .families.base import ModelLayout
 @dataclass(frozen=True)
 class HeadRefit:
     """What to run after each write (calling it refits the head; a no-op when ``head_fit=0``),
-    and the names of the ``target`` parameters it writes, for the caller's backups."""
+    the names of the ``target`` parameters it writes, for the caller's backups, and what the
+    last refit did (``record``: the rows it used, the mean squared gap between the target's and
+    the source's logits before and after it, and the scale in ``scale`` mode), for the report."""
 
     fit: Callable[[], None] = lambda: None
     names: tuple[str, ...] = ()
+    record: dict[str, float | str] = field(default_factory=dict)
 
     def __call__(self) -> None:
         self.fit()
@@ -84,14 +87,31 @@ def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn
                 "under different tokenizers); head_fit supports heads with one row per example "
                 "or identical tokenizations. Set head_fit=0.")
         if mode == "scale":
-            _write(target_head, *scale_fit(features, outputs, target_head.weight,
-                                           target_head.bias))
+            weight, bias = scale_fit(features, outputs, target_head.weight, target_head.bias)
         else:
-            _write(target_head, *ridge_fit(features, outputs, ridge,
-                                           target_head.bias is not None))
+            weight, bias = ridge_fit(features, outputs, ridge, target_head.bias is not None)
+        now = {"mode": mode, "rows": float(len(features)),
+               "logit_mse_before": _gap(features, outputs, target_head.weight, target_head.bias),
+               "logit_mse_after": _gap(features, outputs, weight, bias)}
+        if mode == "scale":
+            old = target_head.weight.detach().double().to(weight.device)
+            now["scale"] = float((weight * old).sum() / (old * old).sum())
+        _write(target_head, weight, bias)
+        record.clear()
+        record.update(now)
 
+    record: dict[str, float | str] = {}
     written = {id(p) for p in target_head.parameters()}
-    return HeadRefit(fit, tuple(n for n, p in target.named_parameters() if id(p) in written))
+    return HeadRefit(fit, tuple(n for n, p in target.named_parameters() if id(p) in written),
+                     record)
+
+
+def _gap(features: Tensor, outputs: Tensor, weight: Tensor, bias: Tensor | None) -> float:
+    """Mean squared difference between the layer's logits and the source's."""
+    logits = features.double() @ weight.detach().double().to(features.device).T
+    if bias is not None:
+        logits = logits + bias.detach().double().to(features.device)
+    return float((logits - outputs.double()).square().mean())
 
 
 def ridge_fit(features: Tensor, outputs: Tensor, ridge: float,

@@ -319,7 +319,7 @@ def transport_lora(source_pretrained: nn.Module, adapter: Any, target: nn.Module
     reports = tuple(dataclasses.replace(m, norm_target=float(alpha) * m.norm_target)
                     for m in moved.module_reports)
     return dataclasses.replace(_report(plan, moved, float(alpha), timings, lora_params, scores),
-                               modules=reports)
+                               modules=reports, head_fit=dict(fit_head.record))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def transport_into_peft(source_pretrained: nn.Module, adapter: Any, target: nn.M
                     for m in moved.module_reports)
     report = _report(plan, dataclasses.replace(moved, skipped=skipped), float(alpha), timings,
                      scores=scores)
-    return dataclasses.replace(report, modules=reports)
+    return dataclasses.replace(report, modules=reports, head_fit=dict(fit_head.record))
 
 
 def plain_view(model: nn.Module) -> nn.Module:

@@ -114,5 +114,5 @@ def transport(
         options.method, float(alpha), layout_s.family, layout_t.family,
         tuple((str(t), str(s)) for t, s in matching.block_map.items()),
         update.params, update.maps, update.skipped, timings, options.to_dict(), scores,
-        token_pairing=update.token_pairing,
+        token_pairing=update.token_pairing, head_fit=dict(fit_head.record),
     )

@@ -66,6 +66,10 @@ class TransportReport:
     # how text token rows paired: one_to_one, offsets, example (per batch when they differed), or
     # none (no token rows: images, or no calibration)
     token_pairing: str = "none"
+    # what head_fit did at the final write (empty when it was off): its mode, the rows it used,
+    # the mean squared gap between the target's and the source's logits before and after it,
+    # and the scale in scale mode
+    head_fit: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -87,6 +91,7 @@ class TransportReport:
     def summary(self) -> dict[str, float]:
         """A few scalars for loggers: counts, rank deficits and wall time."""
         moved = [p for p in self.params if p.norm_target > 0]
+        fit = {f"head_fit_{k}": float(v) for k, v in self.head_fit.items() if k != "mode"}
         return {
             "params_transported": float(len(moved)),
             "params_zero": float(len(self.params) - len(moved)),
@@ -97,4 +102,5 @@ class TransportReport:
                                   if self.maps else 0.0),
             "alpha": float(self.alpha),
             "seconds": float(self.timings.get("total", 0.0)),
+            **fit,
         }
