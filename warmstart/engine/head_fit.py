@@ -77,6 +77,7 @@ def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn
     batches_t = (batches_s if target_calibration is None
                  else list(islice(target_calibration, n_batches)))
     outputs = _source_outputs(source, finetuned, layout_s, source_head, batches_s)
+    record: dict[str, float | str] = {}  # what the last refit did
 
     def fit() -> None:
         features = _layer_inputs(target, layout_t, target_head, batches_t)
@@ -100,7 +101,6 @@ def head_fit_step(source: nn.Module, finetuned: Mapping[str, Tensor], target: nn
         record.clear()
         record.update(now)
 
-    record: dict[str, float | str] = {}
     written = {id(p) for p in target_head.parameters()}
     return HeadRefit(fit, tuple(n for n, p in target.named_parameters() if id(p) in written),
                      record)
